@@ -216,7 +216,7 @@ class CountsTestsMixin(DatabaseMixin):
                     await check(MessageQuery(ordering=ordering, folder=folder,
                                              offset=offset, limit=3))
         # Known stamp and count: no separate read of them.
-        real = store_module.thd_total_and_stamp
+        real = store_module.thd_total_stamp_and_pop
 
         def refused(*args: object) -> object:
             raise AssertionError("the count and stamp were read apart")
@@ -224,13 +224,13 @@ class CountsTestsMixin(DatabaseMixin):
         deep = MessageQuery(offset=6, limit=3)
         expected = await self.db.read("two", thd_list_messages, self.user, deep, None,
                                       PageMarks(), -1)
-        store_module.thd_total_and_stamp = refused  # type: ignore[assignment]
+        store_module.thd_total_stamp_and_pop = refused  # type: ignore[assignment]
         try:
             # (As JSON: on SQLite only a page written as JSON comes with its count.)
             page = await self.db.read("one", thd_list_messages, self.user, deep, None,
                                       marks[True], None, True)
         finally:
-            store_module.thd_total_and_stamp = real  # type: ignore[assignment]
+            store_module.thd_total_stamp_and_pop = real  # type: ignore[assignment]
         self.assertEqual(([e["id"] for e in orjson.loads(page.json or b"")], page.count),
                          ([m.id for m in expected.items], expected.count))
         # The list changes: the planned page is not kept, the page is read again.

@@ -6,12 +6,14 @@ Raw bytes are also read in slices (substr in SQL) for messages too large to hold
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import random
+from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, event, func, select
 from sqlalchemy.dialects import postgresql
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -36,6 +38,7 @@ from mailcore.messages.store import (
     thd_put_blobs,
     thd_raw_slice,
 )
+from mailcore.store.prepared import Prepared
 from mailcore.store.schema import fetch_accounts, message_blobs, messages, threads
 from mailcore.workers import CpuPool
 from tests.support.db import (
@@ -693,6 +696,101 @@ class StoreTestsMixin(DatabaseMixin):
             paged = [m.id for offset in range(0, 300, 40) for m in (await store.list_messages(
                 user, MessageQuery(without_pop=True, offset=offset, limit=40))).items]
             self.assertEqual(paged, shown)
+
+    def count_statements(self) -> list[str]:
+        """The statements run from now on (those run straight on the driver, `Prepared`,
+        too): on PostgreSQL, each one a round trip."""
+        seen: list[str] = []
+        real = Prepared.rows
+
+        def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            seen.append(statement)
+
+        def rows(prepared: Prepared, conn: Connection, values: Any) -> list[Any]:
+            seen.append(str(prepared.statement))
+            return real(prepared, conn, values)
+
+        event.listen(self.db.engine, "before_cursor_execute", hook)
+        self.addCleanup(event.remove, self.db.engine, "before_cursor_execute", hook)
+        self.patch(Prepared, "rows", rows)
+        return seen
+
+    async def test_leaving_pop3_mail_out_costs_a_list_no_statement_more(self) -> None:
+        """A user none of whose POP3 accounts holds mail (nearly all) is told so by the
+        statement that reads a plain list's count and stamp: `without_pop` reads a page,
+        or finds a kept one unchanged, in as many statements as a read without it (it
+        took one more: on PostgreSQL a round trip more on every IMAP2API list); an account
+        turned to POP3 (which moves no stamp) is still seen at once."""
+        store, user, small, newest_first = await self.small_account_beside_a_big_one()
+        seen = self.count_statements()
+
+        async def statements(query: MessageQuery, **kw: Any) -> tuple[int, Any]:
+            del seen[:]
+            page = await store.list_messages(user, query, **kw)
+            return len(seen), page
+
+        for as_json in (False, True):
+            for query in (MessageQuery(), MessageQuery(offset=100, limit=40),
+                          MessageQuery(offset=250, limit=40, ordering="date"),
+                          MessageQuery(account_id=small)):
+                await store.list_messages(user, query, as_json=as_json)  # (the marks)
+                n, page = await statements(query, as_json=as_json)
+                self.assertTrue(n)
+                n_without, page_without = await statements(
+                    dataclasses.replace(query, without_pop=True), as_json=as_json)
+                self.assertEqual((n_without, page_without), (n, page), (query, as_json))
+                n, page = await statements(query, unless=page.stamp)
+                n_without, page_without = await statements(
+                    dataclasses.replace(query, without_pop=True), unless=page.stamp)
+                self.assertTrue(page.unchanged)
+                self.assertEqual((n_without, page_without), (n, page), (query, as_json))
+
+        def to_pop(conn: Connection) -> None:
+            conn.execute(fetch_accounts.update().where(fetch_accounts.c.id == small)
+                         .values(protocol="pop"))
+
+        stamp = page.stamp
+        await self.db.run("to_pop", to_pop)
+        for as_json in (False, True):
+            page = await store.list_messages(user, MessageQuery(without_pop=True, limit=500),
+                                             unless=stamp, as_json=as_json)
+            self.assertFalse(page.unchanged)
+            self.assertEqual(page.count, 300)
+            if not as_json:
+                self.assertFalse({m.id for m in page.items} & set(newest_first))
+
+    async def test_leaving_pop3_mail_out_costs_a_read_no_statement_more(self) -> None:
+        """The IMAP2API's other reads of a user none of whose POP3 accounts holds mail (an
+        e-mail and its thread, a thread's details, its folders, its statistics) ask
+        whether there is one in a statement they run anyway: as many statements as
+        without `without_pop` (they took one more each, on PostgreSQL a round trip)."""
+        store, user, small, newest_first = await self.small_account_beside_a_big_one()
+        seen = self.count_statements()
+
+        async def reads(without_pop: bool) -> tuple[list[int], Any]:
+            counted: list[int] = []
+            found: list[Any] = []
+            for read in (
+                    lambda: store.message_and_thread(user, newest_first[0],
+                                                     without_pop=without_pop),
+                    lambda: store.thread_ids(user, newest_first[0], without_pop=without_pop),
+                    lambda: store.folder_names(user, without_pop=without_pop),
+                    lambda: store.folder_names(user, small, without_pop=without_pop),
+                    lambda: store.statistics(user, without_pop=without_pop),
+                    lambda: store.statistics(user, small, without_pop=without_pop)):
+                del seen[:]
+                found.append(await read())
+                counted.append(len(seen))
+            del seen[:]
+            found.append([d async for d in store.details_of(user, newest_first[:3],
+                                                            without_pop=without_pop)])
+            counted.append(len(seen))
+            return counted, found
+
+        await reads(False)  # (one account's thread total counted, then kept)
+        counted, found = await reads(False)
+        self.assertTrue(all(counted), counted)
+        self.assertEqual(await reads(True), (counted, found))
 
     async def test_what_a_cut_short_sync_stored_is_counted_from_an_index(self) -> None:
         """An interrupted sync is settled (FetchEngine.thd_settle_interrupted) by a write

@@ -22,7 +22,9 @@ from mailcore.config import ConfigError
 from mailcore.fetch.accounts import INTERRUPTED
 from mailcore.fetch.engine import SyncResult
 from mailcore.fetch.scheduler import FetchScheduler
+from mailcore.messages import store as message_store
 from mailcore.messages.models import FetchedMessage, Location
+from mailcore.store.prepared import Prepared
 from mailcore.store.schema import webhook_deliveries, webhook_events
 from mailcore.webhooks import (
     AddressPolicy,
@@ -340,6 +342,34 @@ class EnqueueTests(SenderTestCase):
         # The thread holds the POP3 reply too: its size and newest e-mail are the IMAP's.
         self.assertEqual((entry["thread_count"], entry["latest_email"]["id"]),
                          (1, imap.new_message_ids[0]))
+
+    async def test_telling_an_imap_sync_looks_up_no_pop3_accounts_apart(self) -> None:
+        # Its e-mails are told without those of the user's POP3 accounts: the statement
+        # that reads them asks whether one holds mail, so a user with none (nearly all)
+        # has them not looked up apart (a statement more each time told, on PostgreSQL a
+        # round trip).
+        s = await self.setup()
+        s.sender.stopService()
+        await s.webhooks.create(s.alice.user.id, url=HOOK)
+        looked_up: list[Any] = []
+        real = Prepared.rows
+
+        def rows(prepared: Prepared, conn: Connection, values: Any) -> list[Any]:
+            if prepared is message_store._POP_ACCOUNTS_WITH_MAIL:
+                looked_up.append(values)
+            return real(prepared, conn, values)
+
+        self.patch(Prepared, "rows", rows)
+        result = await s.synced([[mail(1), mail(2, reply_to=1)]])
+        for listener in s.web.core.fetch.engine.listeners:
+            self.assertIsNone(listener(result))
+        await s.webhooks.settle()
+        told = await s.told()
+        self.assertEqual(sorted(event for event, _ in told),
+                         ["email.new", "sync.completed", "thread.updated"])
+        [entry] = next(data["threads"] for event, data in told if event == "thread.updated")
+        self.assertEqual(entry["thread_count"], 2)
+        self.assertEqual(looked_up, [])
 
     async def test_events_of_an_account_turned_to_pop3_before_they_are_told_are_dropped(
             self) -> None:

@@ -14,10 +14,11 @@ from collections import OrderedDict
 from collections.abc import Collection, Hashable
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Select, and_, bindparam, case, func, select
+from sqlalchemy import Connection, Select, and_, bindparam, case, exists, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from mailcore.store.prepared import Prepared
+from mailcore.store.schema.fetch import fetch_accounts
 from mailcore.store.schema.messages import message_counts, message_thread_totals, messages
 
 V = TypeVar("V")
@@ -37,6 +38,27 @@ def thd_folder_totals(
     )
     q = q.where(*_of(account_id, None, hidden))
     return {folder: int(n) for folder, n in conn.execute(q)}
+
+
+def thd_visible_folder_totals(conn: Connection, user_id: int, account_id: int | None = None
+                              ) -> tuple[dict[str, int], tuple[int, ...]]:
+    """`thd_folder_totals` but the messages of the user's accounts that are not IMAP ones
+    (the IMAP2API's `without_pop`), and those of them that hold mail
+    (`store.thd_hidden_accounts`), read in one statement: the user's kept counts by folder
+    and account, each account looked up by its key."""
+    c, f = message_counts.c, fetch_accounts
+    rows = conn.execute(
+        select(c.folder, c.account_key, c.total, f.c.id.is_not(None))
+        .select_from(message_counts.outerjoin(
+            f, and_(f.c.id == c.account_key, f.c.protocol != "imap")))
+        .where(c.user_id == user_id, c.total > 0)
+    ).all()
+    hidden = tuple(sorted({key for _, key, _, pop in rows if pop}))
+    totals: dict[str, int] = {}
+    for folder, key, total, pop in rows:
+        if not pop and (account_id is None or key == account_id):
+            totals[folder] = totals.get(folder, 0) + int(total)
+    return totals, hidden
 
 
 def _of(account_id: int | None, folder: str | None, hidden: Collection[int] = ()
@@ -67,28 +89,57 @@ def thd_total_and_stamp(
     conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None
 ) -> tuple[int, int]:
     """`thd_message_total` and `thd_change_stamp` in one statement (a list page needs both)."""
-    [(total, stamp)] = _total_and_stamp(account_id is not None, folder is not None).rows(
+    total, stamp, _ = thd_total_stamp_and_pop(conn, user_id, account_id, folder)
+    return total, stamp
+
+
+def thd_total_stamp_and_pop(
+    conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None,
+    pop: bool = False,
+) -> tuple[int, int, bool]:
+    """`thd_total_and_stamp`, and with `pop` whether one of the user's POP3 accounts holds
+    mail (`pop_mail`), in the same statement (else False)."""
+    [row] = _total_and_stamp(account_id is not None, folder is not None, pop).rows(
         conn, {"user_id": user_id, "account_id": account_id, "folder": folder})
-    return int(total), int(stamp)
+    return int(row[0]), int(row[1]), bool(row[2]) if pop else False
 
 
 @functools.cache
-def _total_and_stamp(by_account: bool, by_folder: bool) -> Prepared:
-    """The statement of `thd_total_and_stamp`, built and compiled once per filter shape
+def _total_and_stamp(by_account: bool, by_folder: bool, pop: bool = False) -> Prepared:
+    """The statement of `thd_total_stamp_and_pop`, built and compiled once per filter shape
     (every list page runs it)."""
-    return Prepared(total_and_stamp_select(by_account, by_folder))
+    return Prepared(total_and_stamp_select(by_account, by_folder, pop))
 
 
-def total_and_stamp_select(by_account: bool, by_folder: bool) -> Select[Any]:
+def pop_mail() -> ColumnElement[bool]:
+    """Whether one of the user `:user_id`'s accounts that is not an IMAP one (a Dropmyemail
+    POP3 account) holds mail: the IMAP2API leaves out such an account's mail
+    (`store.thd_hidden_accounts` names them). A probe of the user's accounts index, asked
+    in the statement a read runs anyway, so that a user with none (nearly all) costs no
+    round trip more than before."""
+    held = message_counts.alias("pop_counts")  # (not the outer statement's message_counts)
+    return exists().where(
+        fetch_accounts.c.user_id == bindparam("user_id"),
+        fetch_accounts.c.protocol != "imap",
+        exists().where(held.c.user_id == bindparam("user_id"),
+                       held.c.account_key == fetch_accounts.c.id,
+                       held.c.total > 0))
+
+
+def total_and_stamp_select(by_account: bool, by_folder: bool, pop: bool = False
+                           ) -> Select[Any]:
     """`thd_total_and_stamp`'s one row (total, stamp), of the messages of the account
     `:account_id` (with `by_account`) in the folder `:folder` (with `by_folder`) of the
-    user `:user_id`."""
+    user `:user_id`; with `pop`, a third column: `pop_mail` (1 or 0)."""
     c = message_counts.c
     wanted = [cond for cond, on in ((c.account_key == bindparam("account_id"), by_account),
                                     (c.folder == bindparam("folder"), by_folder)) if on]
     total = func.sum(case((and_(*wanted), c.total), else_=0) if wanted else c.total)
-    return (select(func.coalesce(total, 0), func.coalesce(func.sum(c.changes), 0))
-            .where(c.user_id == bindparam("user_id")))
+    columns: list[ColumnElement[Any]] = [func.coalesce(total, 0),
+                                         func.coalesce(func.sum(c.changes), 0)]
+    if pop:
+        columns.append(case((pop_mail(), 1), else_=0))
+    return select(*columns).where(c.user_id == bindparam("user_id"))
 
 
 def _unthreaded(conn: Connection, user_id: int, account_id: int | None) -> int:

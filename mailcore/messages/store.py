@@ -44,11 +44,13 @@ from twisted.internet.interfaces import IReactorTime
 
 from mailcore.messages.counts import (
     CountCache,
+    pop_mail,
     thd_change_stamp,
     thd_folder_totals,
     thd_message_total,
     thd_thread_total,
-    thd_total_and_stamp,
+    thd_total_stamp_and_pop,
+    thd_visible_folder_totals,
     total_and_stamp_select,
 )
 from mailcore.messages.keyset import PageMarks
@@ -585,8 +587,9 @@ def _day_after(day: datetime.date) -> datetime.datetime:
     return _day_start(day + datetime.timedelta(days=1))
 
 
-# The user's POP3 accounts that hold mail (see `thd_hidden_accounts`), compiled once:
-# every IMAP2API read runs it.
+# The user's POP3 accounts that hold mail (see `thd_hidden_accounts`), compiled once: an
+# IMAP2API list that is not a plain one runs it (the others read it only when `pop_mail`,
+# asked in their first statement, finds such an account).
 _POP_ACCOUNTS_WITH_MAIL = Prepared(
     select(fetch_accounts.c.id)
     .where(fetch_accounts.c.user_id == bindparam("user_id"),
@@ -603,7 +606,9 @@ def thd_hidden_accounts(conn: Connection, user_id: int) -> tuple[int, ...]:
     (`MessageQuery.without_pop`): it lists only the IMAP accounts as its imap-servers, so
     an e-mail of a POP3 account would name in `imap_server` an id the same API answers
     404 for. Read by the user's accounts index and the kept counts' key; a user with no
-    such account (nearly all) keeps every quick way of the reads."""
+    such account (nearly all) keeps every quick way of the reads. The reads that can ask
+    `pop_mail` in a statement they run anyway (a plain list's count and stamp, an e-mail's
+    or a thread's rows, the folder totals) read this only when it finds one."""
     return tuple(row[0] for row in _POP_ACCOUNTS_WITH_MAIL.rows(conn, {"user_id": user_id}))
 
 
@@ -874,8 +879,16 @@ def thd_list_messages(
     read at, which the statement then finds unchanged (else the page is read again).
     """
     if query.without_pop:
-        query = dataclasses.replace(query, without_pop=False,
-                                    hidden_accounts=thd_hidden_accounts(conn, user_id))
+        query = dataclasses.replace(query, without_pop=False)
+        if _counted_list(query, marks):
+            # Its first statement (count and stamp) tells whether a POP3 account holds mail:
+            # no round trip more for a user with none (nearly all).
+            try:
+                return _thd_list_messages(conn, user_id, query, cache, marks, unless,
+                                          as_json, check_pop=True)
+            except _PopMail:
+                pass
+        query = dataclasses.replace(query, hidden_accounts=thd_hidden_accounts(conn, user_id))
     if not query.hidden_accounts:
         return _thd_list_messages(conn, user_id, query, cache, marks, unless, as_json)
     # An account's protocol changes without the change stamp (a Dropmyemail PUT): a page
@@ -885,11 +898,25 @@ def thd_list_messages(
     return dataclasses.replace(page, stamp=None)
 
 
+class _PopMail(Exception):
+    """`_thd_list_messages(check_pop=True)`: one of the user's POP3 accounts holds mail,
+    found by the list's first statement (nothing else read): read its hidden accounts."""
+
+
+def _counted_list(query: MessageQuery, marks: PageMarks | None) -> bool:
+    """Whether `_thd_list_messages` reads the list's count and stamp from the kept counts
+    in its first statement (`thd_total_stamp_and_pop`, `_page_with_total`)."""
+    return marks is not None and query.ordering.strip() in ("-date", "date") \
+        and _keyset_filters(query) and _counted(query) and not query.hidden_accounts
+
+
 def _thd_list_messages(
     conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None,
-    marks: PageMarks | None, unless: int | None, as_json: bool,
+    marks: PageMarks | None, unless: int | None, as_json: bool, check_pop: bool = False,
 ) -> Page[MessageSummary]:
-    """`thd_list_messages` once its hidden accounts are read."""
+    """`thd_list_messages` once its hidden accounts are read; with `check_pop` (a
+    `_counted_list`, none read) its first statement asks whether there are any
+    (`pop_mail`), and _PopMail is raised if so."""
     dialect = conn.dialect.name
     by_match = bool(query.q)
     values = _filter_values(user_id, query)
@@ -926,8 +953,9 @@ def _thd_list_messages(
                      query.date_to, query.has_attachments, ordering) + \
             ((query.hidden_accounts,) if query.hidden_accounts else ())
     offset, limit = max(query.offset, 0), max(query.limit, 0)
-    # (thd_total_and_stamp counts the hidden accounts' messages: `_total` does not.)
+    # (thd_total_stamp_and_pop counts the hidden accounts' messages: `_total` does not.)
     counted = keyset and _counted(query) and not query.hidden_accounts
+    assert counted or not check_pop  # (`_counted_list`)
     if counted and shape is not None and unless is None and limit > 0 \
             and (dialect == "postgresql" or as_json):
         # The count, the stamp and the rows in one statement (PostgreSQL: one round trip
@@ -935,11 +963,14 @@ def _thd_list_messages(
         # lock instead of two); else the page is read as below.
         assert marks is not None and marks_key is not None  # (a counted list is keyset)
         page = _page_with_known_total(conn, dialect, shape, ordering, values, offset, limit,
-                                      marks, marks_key, as_json)
+                                      marks, marks_key, as_json, check_pop)
         if page is not None:
             return page
     if counted:
-        count, stamp = thd_total_and_stamp(conn, user_id, query.account_id, query.folder)
+        count, stamp, pop = thd_total_stamp_and_pop(conn, user_id, query.account_id,
+                                                    query.folder, check_pop)
+        if pop:
+            raise _PopMail()
         if stamp == unless:
             return Page(count=count, items=[], stamp=stamp, unchanged=True)
     else:
@@ -986,13 +1017,14 @@ def _thd_list_messages(
 def _page_with_known_total(
     conn: Connection, dialect: str, shape: tuple[str, ...], ordering: str,
     values: dict[str, Any], offset: int, limit: int, marks: PageMarks,
-    marks_key: tuple[Any, ...], as_json: bool,
+    marks_key: tuple[Any, ...], as_json: bool, check_pop: bool = False,
 ) -> Page[MessageSummary] | None:
     """A plain list's page read in one statement with its count and stamp
     (`_page_with_total`), as rows or (`as_json`) as `_json_page`; None when it must be read
     the general way. A first page needs nothing the count tells: from the first row on,
     LIMIT stops at the last. A later page is planned with the stamp and count the list was
-    last read at (`marks`), and kept only if the statement finds them unchanged."""
+    last read at (`marks`), and kept only if the statement finds them unchanged. With
+    `check_pop`, _PopMail if one of the user's POP3 accounts holds mail (`pop_mail`)."""
     known = None
     skip, n, reverse, from_mark = 0, limit, False, False
     if offset:
@@ -1001,9 +1033,13 @@ def _page_with_known_total(
             return None
         skip, n, reverse, from_mark = _plan(values, marks, marks_key, *known, offset, limit)
     found = _page_with_total(dialect, shape, ordering, reverse, from_mark, as_json,
-                             _window(dialect, skip, n, limit)).rows(
+                             _window(dialect, skip, n, limit), check_pop).rows(
         conn, {**values, "skip": skip, "n": n})
     count, stamp = int(found[0][0]), int(found[0][1])
+    if check_pop:
+        if found[0][2]:
+            raise _PopMail()
+        found = [row[:2] + row[3:] for row in found]
     if known is not None and (stamp, count) != known:
         return None  # the list changed since
     if as_json:
@@ -1164,15 +1200,16 @@ def _plain_json_page(dialect: str, shape: tuple[str, ...], ordering: str, revers
 
 @functools.lru_cache(maxsize=256)
 def _page_with_total(dialect: str, shape: tuple[str, ...], ordering: str, reverse: bool,
-                     from_mark: bool, as_json: bool, window: tuple[int, int] | None = None
-                     ) -> Prepared:
+                     from_mark: bool, as_json: bool, window: tuple[int, int] | None = None,
+                     pop: bool = False) -> Prepared:
     """`total_and_stamp_select` (of `shape`, the account and folder filters) and
     `_plain_page`'s page in one statement: each row is (total, stamp, then the page's
     columns, in the order they are read: turned round with `reverse`); no page row gives
     one row, its page columns NULL. With `as_json`, one row: (total, stamp, then
     `rendered.email_array`'s columns for `dialect`, in the list's own order). Without,
-    PostgreSQL only (SQLite's rows come as `_in_one_row`'s)."""
-    totals = total_and_stamp_select("account_id" in shape, "folder" in shape).subquery()
+    PostgreSQL only (SQLite's rows come as `_in_one_row`'s). With `pop`, `pop_mail`
+    follows the stamp (`total_and_stamp_select`'s third column)."""
+    totals = total_and_stamp_select("account_id" in shape, "folder" in shape, pop).subquery()
     if as_json:
         written = _plain_json_page(dialect, shape, ordering, reverse, from_mark,
                                    window).statement.subquery()
@@ -1268,15 +1305,24 @@ _ATTACHMENTS_OF = select(*_ATTACHMENT_COLUMNS).select_from(_ATTACHMENT_JOIN) \
     .order_by(message_attachments.c.id)
 _THREAD_OF = select(messages.c.thread_id, messages.c.account_id).where(
     messages.c.user_id == bindparam("user_id"), messages.c.id == bindparam("row_id"))
+# With `pop_mail` as a last column "pop" (`without_pop`: asked in the statement that runs
+# anyway, a user with no POP3 account holding mail costs no round trip more).
+_DETAILS_POP = _DETAILS.add_columns(case((pop_mail(), 1), else_=0).label("pop"))
+_THREAD_OF_POP = _THREAD_OF.add_columns(case((pop_mail(), 1), else_=0).label("pop"))
 
 
 def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int],
-                     hidden: Sequence[int] = ()) -> list[MessageDetail]:
+                     hidden: Sequence[int] = (), *, without_pop: bool = False
+                     ) -> list[MessageDetail]:
     """Full details of the user's messages with these row ids (missing ids, and those of
-    the `hidden` accounts, left out)."""
+    the `hidden` accounts, left out); `without_pop`: those of the accounts
+    `thd_hidden_accounts` names left out, read only if the rows' statement finds one."""
     if not ids:
         return []
-    rows = conn.execute(_DETAILS, {"user_id": user_id, "ids": list(ids)}).all()
+    rows = conn.execute(_DETAILS_POP if without_pop else _DETAILS,
+                        {"user_id": user_id, "ids": list(ids)}).all()
+    if without_pop and rows and rows[0].pop:
+        hidden = thd_hidden_accounts(conn, user_id)
     threads_of = {r.thread_id for r in rows if r.thread_id is not None}
     if hidden:
         rows = [r for r in rows if r.account_id not in hidden]
@@ -1309,10 +1355,14 @@ def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int],
 
 
 def thd_thread_ids(conn: Connection, user_id: int, row_id: int,
-                   hidden: Sequence[int] = ()) -> list[int]:
+                   hidden: Sequence[int] = (), *, without_pop: bool = False) -> list[int]:
     """Row ids of every message in the thread of `row_id`, oldest first; those of the
-    `hidden` accounts left out (`row_id` itself one of them: MessageNotFound)."""
-    found = conn.execute(_THREAD_OF, {"user_id": user_id, "row_id": row_id}).first()
+    `hidden` accounts left out (`row_id` itself one of them: MessageNotFound);
+    `without_pop`: as `thd_get_messages`'."""
+    found = conn.execute(_THREAD_OF_POP if without_pop else _THREAD_OF,
+                         {"user_id": user_id, "row_id": row_id}).first()
+    if without_pop and found is not None and found.pop:
+        hidden = thd_hidden_accounts(conn, user_id)
     if found is None or found.account_id in hidden:
         raise MessageNotFound(row_id)
     if found.thread_id is None:
@@ -1330,6 +1380,23 @@ _THREAD_ROWS = (select(messages.c.id, messages.c.account_id)
 
 # Messages whose details (bodies included) are read at once by `MessageStore.details_of`.
 DETAILS_BATCH = 32
+
+
+def _thread_count(conn: Connection, user_id: int, account_id: int | None,
+                  hidden: Sequence[int]) -> int:
+    """The threads of the user's messages (of this account), but the `hidden` accounts',
+    counted from the rows (`thd_thread_total` cannot tell)."""
+    conds = [messages.c.user_id == user_id]
+    if account_id is not None:
+        conds.append(messages.c.account_id == account_id)
+    if hidden:
+        conds.append(_visible(messages, hidden))
+    return int(conn.execute(
+        select(func.count(func.distinct(
+            case((messages.c.thread_id.is_(None), -messages.c.id),
+                 else_=messages.c.thread_id)
+        ))).where(*conds)
+    ).scalar() or 0)
 
 
 class MessageStore:
@@ -1451,9 +1518,8 @@ class MessageStore:
         found)."""
 
         def txn(conn: Connection) -> tuple[MessageDetail, list[int]]:
-            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
-            ids = thd_thread_ids(conn, user_id, row_id, hidden)
-            found = thd_get_messages(conn, user_id, [row_id], hidden)
+            ids = thd_thread_ids(conn, user_id, row_id, without_pop=without_pop)
+            found = thd_get_messages(conn, user_id, [row_id], without_pop=without_pop)
             if not found:
                 raise MessageNotFound(row_id)
             return found[0], ids
@@ -1466,8 +1532,7 @@ class MessageStore:
         (itself included); `without_pop`: as `message_and_thread`'s."""
 
         def txn(conn: Connection) -> list[int]:
-            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
-            return thd_thread_ids(conn, user_id, row_id, hidden)
+            return thd_thread_ids(conn, user_id, row_id, without_pop=without_pop)
 
         return await self.db.read("get_thread", txn)
 
@@ -1480,8 +1545,7 @@ class MessageStore:
         meanwhile)."""
 
         def batch(conn: Connection, some: Sequence[int]) -> list[MessageDetail]:
-            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
-            return thd_get_messages(conn, user_id, some, hidden)
+            return thd_get_messages(conn, user_id, some, without_pop=without_pop)
 
         for start in range(0, len(ids), DETAILS_BATCH):
             for detail in await self.db.read("get_thread_batch", batch,
@@ -1512,8 +1576,9 @@ class MessageStore:
         `without_pop`: as `MessageQuery.without_pop`."""
 
         def txn(conn: Connection) -> list[str]:
-            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
-            return sorted(thd_folder_totals(conn, user_id, account_id, hidden))
+            if without_pop:
+                return sorted(thd_visible_folder_totals(conn, user_id, account_id)[0])
+            return sorted(thd_folder_totals(conn, user_id, account_id))
 
         return await self.db.read("list_folder_names", txn)
 
@@ -1567,22 +1632,12 @@ class MessageStore:
         `without_pop`: as `MessageQuery.without_pop`."""
 
         def txn(conn: Connection) -> Statistics:
-            hidden = thd_hidden_accounts(conn, user_id) if without_pop else ()
-            counts = thd_folder_totals(conn, user_id, account_id, hidden)
+            counts, hidden = thd_visible_folder_totals(conn, user_id, account_id) \
+                if without_pop else (thd_folder_totals(conn, user_id, account_id), ())
             folders = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
             total_threads = thd_thread_total(conn, user_id, account_id, hidden)
             if total_threads is None:  # some accounts' threads among others': count them
-                conds = [messages.c.user_id == user_id]
-                if account_id is not None:
-                    conds.append(messages.c.account_id == account_id)
-                if hidden:
-                    conds.append(_visible(messages, hidden))
-                total_threads = int(conn.execute(
-                    select(func.count(func.distinct(
-                        case((messages.c.thread_id.is_(None), -messages.c.id),
-                             else_=messages.c.thread_id)
-                    ))).where(*conds)
-                ).scalar() or 0)
+                total_threads = _thread_count(conn, user_id, account_id, hidden)
             return Statistics(
                 total_emails=sum(counts.values()), total_threads=total_threads,
                 folders=folders,

@@ -31,7 +31,7 @@ from sqlalchemy import ColumnElement, Connection, and_, delete, exists, select
 
 from mailcore.fetch.engine import SyncResult
 from mailcore.messages.sql import insert_rows
-from mailcore.messages.store import thd_get_messages, thd_hidden_accounts
+from mailcore.messages.store import thd_get_messages
 from mailcore.store.schema import fetch_accounts, webhook_events
 from mailcore.webhooks.model import BATCH
 from mailcore.webhooks.payload import email_json, iso
@@ -154,11 +154,11 @@ def thd_tell(conn: Connection, scope: ColumnElement[bool], created: datetime.dat
     if first.event == "sync.completed":
         data = json.loads(first.data)
     elif first.event == "email.new":
-        found = thd_get_messages(conn, user_id, refs, thd_hidden_accounts(conn, user_id))
+        found = thd_get_messages(conn, user_id, refs, without_pop=True)
         data = {"imap_server": account, "emails": [email_json(d.summary) for d in found]
                 } if found else None
     else:
-        entries = _thread_entries(conn, user_id, refs, thd_hidden_accounts(conn, user_id))
+        entries = _thread_entries(conn, user_id, refs, without_pop=True)
         data = {"imap_server": account, "threads": entries} if entries else None
     if data is None:  # its e-mails or threads were deleted meanwhile
         return 0, True

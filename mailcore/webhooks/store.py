@@ -8,10 +8,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 
+from mailcore.messages.counts import pop_mail
 from mailcore.messages.sql import utc
-from mailcore.messages.store import thd_get_messages
+from mailcore.messages.store import thd_get_messages, thd_hidden_accounts
 from mailcore.store.schema import messages, users, webhook_deliveries, webhooks
 from mailcore.webhooks.model import Webhook, WebhookNotFound, _webhook
 from mailcore.webhooks.payload import _event_payload, email_json, thread_ref
@@ -148,14 +149,22 @@ def thd_prune(conn: Connection, before: float, batch: int = PRUNE_BATCH) -> int:
 
 
 def _thread_entries(conn: Connection, user_id: int, thread_ids: Sequence[int],
-                    hidden: Sequence[int] = ()) -> list[dict[str, Any]]:
+                    hidden: Sequence[int] = (), *, without_pop: bool = False
+                    ) -> list[dict[str, Any]]:
     """thread.updated entries: each thread's size and its newest e-mail, not one of the
-    `hidden` accounts' (`thd_hidden_accounts`)."""
+    `hidden` accounts'; `without_pop`: not one of those `thd_hidden_accounts` names, read
+    only if the rows' statement finds one (`pop_mail`)."""
+    columns: list[Any] = [messages.c.id, messages.c.thread_id, messages.c.date,
+                          messages.c.account_id]
+    if without_pop:
+        columns.append(case((pop_mail(), 1), else_=0).label("pop"))
     rows = conn.execute(
-        select(messages.c.id, messages.c.thread_id, messages.c.date, messages.c.account_id)
-        .where(messages.c.user_id == user_id)
-        .where(messages.c.thread_id.in_(list(thread_ids)))
+        select(*columns)
+        .where(messages.c.user_id == bindparam("user_id"))
+        .where(messages.c.thread_id.in_(list(thread_ids))), {"user_id": user_id}
     ).all()
+    if without_pop and rows and rows[0].pop:
+        hidden = thd_hidden_accounts(conn, user_id)
     newest: dict[int, tuple[Any, int]] = {}
     for r in rows:
         if r.account_id in hidden:
