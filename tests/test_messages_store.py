@@ -792,6 +792,41 @@ class StoreTestsMixin(DatabaseMixin):
         self.assertTrue(all(counted), counted)
         self.assertEqual(await reads(True), (counted, found))
 
+    async def test_statistics_without_pop3_mail_count_threads_once_a_stamp(self) -> None:
+        """The IMAP2API's statistics of a user whose POP3 account holds mail count the
+        threads of the other messages (the kept totals count them all): once while the
+        user's change stamp stands (each call counted over all the user's messages:
+        seconds for a million, as often as the rate limit let a client ask)."""
+        store, user, small, _newest_first = await self.small_account_beside_a_big_one()
+
+        def to_pop(conn: Connection) -> None:
+            conn.execute(fetch_accounts.update().where(fetch_accounts.c.id == small)
+                         .values(protocol="pop"))
+
+        await self.db.run("to_pop", to_pop)
+        seen = self.count_statements()
+
+        def counts() -> int:
+            return len([s for s in seen if "count(distinct" in s.lower()])
+
+        stats = await store.statistics(user, without_pop=True)
+        self.assertEqual((stats.total_emails, stats.total_threads), (300, 300))
+        self.assertEqual(counts(), 1)
+        again = await store.statistics(user, without_pop=True)
+        self.assertEqual(again, stats)
+        self.assertEqual(counts(), 1)
+        # Every thread of both accounts (the kept total), then one account's: counted
+        # apart, once.
+        self.assertEqual((await store.statistics(user)).total_threads, 305)
+        for _ in range(2):
+            self.assertEqual((await store.statistics(user, small)).total_threads, 5)
+        self.assertEqual(counts(), 2)
+        # A message stored moves the stamp: counted again.
+        await store.store_batch(Location(user, None, None, "INBOX"),
+                                [FetchedMessage(raw=mail(5000, "loose", day=3))])
+        self.assertEqual((await store.statistics(user, without_pop=True)).total_threads, 301)
+        self.assertEqual(counts(), 3)
+
     async def test_what_a_cut_short_sync_stored_is_counted_from_an_index(self) -> None:
         """An interrupted sync is settled (FetchEngine.thd_settle_interrupted) by a write
         transaction that counts the messages the account stored since the sync began:

@@ -1637,7 +1637,14 @@ class MessageStore:
             folders = dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
             total_threads = thd_thread_total(conn, user_id, account_id, hidden)
             if total_threads is None:  # some accounts' threads among others': count them
-                total_threads = _thread_count(conn, user_id, account_id, hidden)
+                # (over all the user's messages: seconds for a million, so kept while the
+                # stamp stands, by the set of hidden accounts too, as `_total` keeps its)
+                stamp = thd_change_stamp(conn, user_id)
+                key = ("statistics.threads", user_id, account_id, hidden)
+                total_threads = self.count_cache.get(key, stamp)
+                if total_threads is None:
+                    total_threads = _thread_count(conn, user_id, account_id, hidden)
+                    self.count_cache.put(key, stamp, total_threads)
             return Statistics(
                 total_emails=sum(counts.values()), total_threads=total_threads,
                 folders=folders,
