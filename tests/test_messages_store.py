@@ -717,10 +717,11 @@ class StoreTestsMixin(DatabaseMixin):
 
     async def test_leaving_pop3_mail_out_costs_a_list_no_statement_more(self) -> None:
         """A user none of whose POP3 accounts holds mail (nearly all) is told so by the
-        statement that reads a plain list's count and stamp: `without_pop` reads a page,
-        or finds a kept one unchanged, in as many statements as a read without it (it
-        took one more: on PostgreSQL a round trip more on every IMAP2API list); an account
-        turned to POP3 (which moves no stamp) is still seen at once."""
+        statement that reads a list's stamp (and a plain list's count): `without_pop` reads
+        a page (a plain one, a search, threads, a date range), or finds a kept one
+        unchanged, in as many statements as a read without it (it took one more: on
+        PostgreSQL a round trip more on every IMAP2API list); an account turned to POP3
+        (which moves no stamp) is still seen at once."""
         store, user, small, newest_first = await self.small_account_beside_a_big_one()
         seen = self.count_statements()
 
@@ -732,7 +733,9 @@ class StoreTestsMixin(DatabaseMixin):
         for as_json in (False, True):
             for query in (MessageQuery(), MessageQuery(offset=100, limit=40),
                           MessageQuery(offset=250, limit=40, ordering="date"),
-                          MessageQuery(account_id=small)):
+                          MessageQuery(account_id=small), MessageQuery(q="old"),
+                          MessageQuery(threads_only=True, limit=20),
+                          MessageQuery(date_from=datetime.date(2024, 10, 2), limit=20)):
                 await store.list_messages(user, query, as_json=as_json)  # (the marks)
                 n, page = await statements(query, as_json=as_json)
                 self.assertTrue(n)

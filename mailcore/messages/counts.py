@@ -189,6 +189,17 @@ def thd_change_stamp(conn: Connection, user_id: int) -> int:
     ).scalar() or 0)
 
 
+def thd_change_stamp_and_pop(conn: Connection, user_id: int) -> tuple[int, bool]:
+    """`thd_change_stamp`, and whether one of the user's POP3 accounts holds mail
+    (`pop_mail`), in one statement."""
+    [(stamp, pop)] = conn.execute(
+        select(func.coalesce(func.sum(message_counts.c.changes), 0),
+               case((pop_mail(), 1), else_=0))
+        .where(message_counts.c.user_id == bindparam("user_id")), {"user_id": user_id}
+    ).all()
+    return int(stamp or 0), bool(pop)
+
+
 class StampedCache(Generic[V]):
     """Values each kept with the user's change stamp (`thd_change_stamp`) and good while it
     stands: a store, delete or move of one of the user's messages (on any node: the stamp

@@ -46,6 +46,7 @@ from mailcore.messages.counts import (
     CountCache,
     pop_mail,
     thd_change_stamp,
+    thd_change_stamp_and_pop,
     thd_folder_totals,
     thd_message_total,
     thd_thread_total,
@@ -880,9 +881,9 @@ def thd_list_messages(
     """
     if query.without_pop:
         query = dataclasses.replace(query, without_pop=False)
-        if _counted_list(query, marks):
-            # Its first statement (count and stamp) tells whether a POP3 account holds mail:
-            # no round trip more for a user with none (nearly all).
+        if _asks_pop_first(query, cache, marks, unless):
+            # Its first statement (count and stamp, or the stamp) tells whether a POP3
+            # account holds mail: no round trip more for a user with none (nearly all).
             try:
                 return _thd_list_messages(conn, user_id, query, cache, marks, unless,
                                           as_json, check_pop=True)
@@ -903,20 +904,26 @@ class _PopMail(Exception):
     found by the list's first statement (nothing else read): read its hidden accounts."""
 
 
-def _counted_list(query: MessageQuery, marks: PageMarks | None) -> bool:
-    """Whether `_thd_list_messages` reads the list's count and stamp from the kept counts
-    in its first statement (`thd_total_stamp_and_pop`, `_page_with_total`)."""
-    return marks is not None and query.ordering.strip() in ("-date", "date") \
-        and _keyset_filters(query) and _counted(query) and not query.hidden_accounts
+def _asks_pop_first(query: MessageQuery, cache: CountCache | None, marks: PageMarks | None,
+                    unless: int | None) -> bool:
+    """Whether the first statement `_thd_list_messages` runs for a query without hidden
+    accounts reads the user's change stamp, so can ask `pop_mail` too: a list counted from
+    the kept counts (`thd_total_stamp_and_pop`, `_page_with_total`) or one whose rows change
+    only with the stamp (`thd_change_stamp_and_pop`), which every list of the store's is
+    (it keeps counts)."""
+    keyset = marks is not None and query.ordering.strip() in ("-date", "date") \
+        and _keyset_filters(query)
+    return (keyset and _counted(query)) \
+        or (_stamped(query) and (cache is not None or keyset or unless is not None))
 
 
 def _thd_list_messages(
     conn: Connection, user_id: int, query: MessageQuery, cache: CountCache | None,
     marks: PageMarks | None, unless: int | None, as_json: bool, check_pop: bool = False,
 ) -> Page[MessageSummary]:
-    """`thd_list_messages` once its hidden accounts are read; with `check_pop` (a
-    `_counted_list`, none read) its first statement asks whether there are any
-    (`pop_mail`), and _PopMail is raised if so."""
+    """`thd_list_messages` once its hidden accounts are read; with `check_pop` (none read,
+    `_asks_pop_first`) its first statement asks whether there are any (`pop_mail`), and
+    _PopMail is raised if so."""
     dialect = conn.dialect.name
     by_match = bool(query.q)
     values = _filter_values(user_id, query)
@@ -955,7 +962,6 @@ def _thd_list_messages(
     offset, limit = max(query.offset, 0), max(query.limit, 0)
     # (thd_total_stamp_and_pop counts the hidden accounts' messages: `_total` does not.)
     counted = keyset and _counted(query) and not query.hidden_accounts
-    assert counted or not check_pop  # (`_counted_list`)
     if counted and shape is not None and unless is None and limit > 0 \
             and (dialect == "postgresql" or as_json):
         # The count, the stamp and the rows in one statement (PostgreSQL: one round trip
@@ -974,8 +980,13 @@ def _thd_list_messages(
         if stamp == unless:
             return Page(count=count, items=[], stamp=stamp, unchanged=True)
     else:
+        assert not check_pop or _stamped(query)  # (`_asks_pop_first`)
         if _stamped(query) and (cache is not None or keyset or unless is not None):
-            stamp = thd_change_stamp(conn, user_id)  # before the rows: a later change misses
+            # (before the rows: a later change misses)
+            stamp, pop = thd_change_stamp_and_pop(conn, user_id) if check_pop \
+                else (thd_change_stamp(conn, user_id), False)
+            if pop:
+                raise _PopMail()
             if stamp == unless:
                 return Page(count=0, items=[], stamp=stamp, unchanged=True)
         count = _total(conn, user_id, query, count_rows, cache, stamp)
