@@ -246,6 +246,25 @@ class LyingExistsTests(TestCase):
         self.assertIsNot(three.flags, four.flags)
         self.assertLessEqual(len(imap._FLAG_SETS), MAX_FLAG_SETS)
 
+    def test_sets_are_shared_again_once_the_table_is_full(self) -> None:
+        """The table of shared sets is the process's: kept for good once full, no set
+        seen after (keywords of months, or one hostile sync's) was shared until a restart.
+        A new set finding it full empties it; it stays within its bound."""
+        self.patch(imap, "_FLAG_SETS", {})
+        self.patch(imap, "MAX_FLAG_SETS", 2)
+        client, _transport = connected()
+        d = client.uid_fetch(b"1:*", b"UID FLAGS")
+        client.dataReceived(b"".join(b"* %d FETCH (UID %d FLAGS (%s))\r\n" % (n, n, flag)
+                                     for n, flag in enumerate((b"$A", b"$B", b"$C", b"$C",
+                                                               b"$A", b"$A"), start=1))
+                            + b"0001 OK done\r\n")
+        a, b, c, c2, a2, a3 = self.successResultOf(d)
+        self.assertEqual((a.flags, b.flags, c.flags, a2.flags), (("$A",), ("$B",), ("$C",),
+                                                                 ("$A",)))
+        self.assertIs(c.flags, c2.flags)
+        self.assertIs(a2.flags, a3.flags)
+        self.assertLessEqual(len(imap._FLAG_SETS), 2)
+
 
 class ChangedFlagsFloodTests(TestCase):
     """The flags a QRESYNC EXAMINE says changed (RFC 7162 3.2.5.1) were taken up to the

@@ -422,9 +422,12 @@ def parse_fetch(line: bytes) -> FetchItem:
 
 # The flags of messages, each set kept once however many messages carry it (a folder's
 # messages share a few: (), (\\Seen,), ...): each was a tuple and strings of its own, about
-# 100 bytes a message of a UID FETCH of FLAGS over a whole folder. The first MAX_FLAG_SETS
-# sets seen of at most SHARED_FLAGS_CHARS characters are shared (a megabyte or two in all);
-# any other is kept per message, as before.
+# 100 bytes a message of a UID FETCH of FLAGS over a whole folder. Sets of at most
+# SHARED_FLAGS_CHARS characters are shared, MAX_FLAG_SETS of them at most (a megabyte or two
+# in all): a new one finding the table full empties it first (those given out stay shared
+# among the messages holding them). Kept for good, the first 4,096 sets seen by the process
+# (one hostile sync's, or months of keywords) were the only ones shared until a restart.
+# A longer set is kept per message, as before.
 MAX_FLAG_SETS = 4096
 SHARED_FLAGS_CHARS = 200
 _FLAG_SETS: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -442,9 +445,14 @@ def _flags(values: list[Any]) -> tuple[str, ...]:
         if flag.split() == [flag] and not has_cc(flag):
             kept.append(flag)
     flags = tuple(kept)
-    if len(_FLAG_SETS) < MAX_FLAG_SETS and sum(map(len, flags)) <= SHARED_FLAGS_CHARS:
-        return _FLAG_SETS.setdefault(flags, flags)
-    return _FLAG_SETS.get(flags, flags)
+    if sum(map(len, flags)) > SHARED_FLAGS_CHARS:
+        return flags
+    shared = _FLAG_SETS.get(flags)
+    if shared is None:
+        if len(_FLAG_SETS) >= MAX_FLAG_SETS:
+            _FLAG_SETS.clear()
+        shared = _FLAG_SETS[flags] = flags
+    return shared
 
 
 def _fetch_item(seq: int, values: dict[str, Any]) -> FetchItem:
