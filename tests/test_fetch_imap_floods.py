@@ -30,11 +30,13 @@ from mailcore.fetch.imap import (
     MAX_FLAG_SETS,
     IMAPClient,
     SelectInfo,
+    compress_set,
     expand_set,
 )
-from mailcore.fetch.state import thd_update_flags
+from mailcore.fetch.state import thd_held_uids, thd_update_flags
 from tests.test_fetch_imap_hostile import (
     FakeIMAP,
+    FakeIMAPFactory,
     cleartext_account,
     cleartext_servers,
 )
@@ -391,6 +393,104 @@ class LyingExistsSyncTests(TestCase):
                          [b"UID FETCH 1 (UID FLAGS) (CHANGEDSINCE 5)"])
 
 
+class FlagsResyncCostTests(TestCase):
+    """A CONDSTORE resync without QRESYNC (Gmail's) asks the flags changed by one UID FETCH
+    of the UIDs from the lowest held to the highest. Asked by lists of the UIDs held, read
+    from the store a page at a time, a folder of 300,000 took 150 commands each sync with
+    new mail, of up to 22 KB each. Every flag (a HIGHESTMODSEQ gone back) is still asked by
+    lists of the UIDs held, each a line of at most _LIST_BYTES."""
+
+    timeout = 30
+
+    def serve(self, modseq: list[int]) -> FakeIMAPFactory:
+        """A CONDSTORE server of UIDs 2, 4, 6, 8 and 10, answering a flags UID FETCH for
+        every UID of its set (held or not) and UID 12 unasked."""
+        def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* 5 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
+                                 b"* OK [UIDNEXT 11] ok\r\n* OK [HIGHESTMODSEQ %d] ok\r\n"
+                                 % modseq[0] + tag + b" OK done\r\n")
+            return True
+
+        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            conn.transport.write(b"* SEARCH 2 4 6 8 10\r\n" + tag + b" OK searched\r\n")
+            return True
+
+        def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+            body = b"Subject: hi\r\n\r\nhello\r\n"
+            for uid in expand_set(rest.split(b" ")[2], 20):
+                if b"BODY" in rest:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
+                                         % (uid, uid, len(body), body))
+                elif b"RFC822.SIZE" in rest:
+                    conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n"
+                                         % (uid, uid, len(body)))
+                else:
+                    conn.transport.write(b"* %d FETCH (UID %d FLAGS (\\Answered))\r\n"
+                                         % (uid, uid))
+            if b"RFC822.SIZE" not in rest and b"BODY" not in rest:
+                conn.transport.write(b"* 6 FETCH (UID 12 FLAGS (\\Deleted))\r\n")
+            conn.transport.write(tag + b" OK fetched\r\n")
+            return True
+
+        (factory, self.port), = cleartext_servers(self, 1)
+        factory.caps += b" CONDSTORE"
+        factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
+        return factory
+
+    async def test_the_changes_are_asked_by_one_command(self) -> None:
+        pages: list[int] = []
+
+        def paging(*args: Any) -> list[int]:
+            pages.append(args[3])
+            return thd_held_uids(*args)
+
+        self.patch(engine, "thd_held_uids", paging)
+        self.patch(engine, "_SIZE_CHUNK", 2)
+        self.patch(engine, "_HELD_PAGE", 2)
+        modseq = [5]
+        factory = self.serve(modseq)
+        env, account = await cleartext_account(self, self.port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 5))
+        modseq[0] = 6
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        asked = [line.split(b" ", 1)[1] for _tls, line in factory.received
+                 if line.endswith(b"(UID FLAGS) (CHANGEDSINCE 5)")]
+        self.assertEqual(asked, [b"UID FETCH 2:10 (UID FLAGS) (CHANGEDSINCE 5)"])
+        self.assertEqual(pages, [])  # no UID held read from the store
+        self.assertEqual(result.folders["INBOX"].flags_updated, 5)
+        self.assertEqual(await env.copies(account.id, "INBOX"),
+                         {uid: ("\\Answered", True) for uid in (2, 4, 6, 8, 10)})
+
+    async def test_every_flag_is_asked_by_lists_of_bounded_lines(self) -> None:
+        self.patch(engine, "_LIST_BYTES", 3)
+        modseq = [100]
+        factory = self.serve(modseq)
+        env, account = await cleartext_account(self, self.port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 5))
+        modseq[0] = 80  # went back: every flag is asked
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        asked = [line.split(b" ", 1)[1] for _tls, line in factory.received
+                 if line.endswith(b"(UID FLAGS)")]
+        self.assertEqual(asked, [b"UID FETCH 2,4 (UID FLAGS)", b"UID FETCH 6,8 (UID FLAGS)",
+                                 b"UID FETCH 10 (UID FLAGS)"])
+        self.assertEqual(await env.copies(account.id, "INBOX"),
+                         {uid: ("\\Answered", True) for uid in (2, 4, 6, 8, 10)})
+
+    def test_a_list_of_sparse_uids_is_cut_by_its_line(self) -> None:
+        """2,000 UIDs of 10 digits, none next to another, were one line of 22 KB."""
+        sparse = list(range(1_000_000_000, 1_000_000_000 + 4_000, 2))
+        lists = list(engine._by_line(sparse, engine._LIST_BYTES))
+        self.assertEqual([uid for uids in lists for uid in uids], sparse)
+        self.assertEqual([len(compress_set(uids)) for uids in lists], [7_996, 7_996, 6_005])
+        self.assertEqual(len(lists), 3)
+        dense = list(range(1, 50_001))
+        self.assertEqual(list(engine._by_line(dense, engine._LIST_BYTES)), [dense])
+
+
 class ChangedFlagsSyncTests(TestCase):
     """The engine against a QRESYNC server whose EXAMINE tells flag changes of UIDs it does
     not hold: they are neither kept nor written; past MAX_CHANGED_FLAGS the flags of the
@@ -470,7 +570,7 @@ class ChangedFlagsSyncTests(TestCase):
                          {1: ("\\Answered", True), 3: ("\\Answered", True)})
         asked = [line for _tls, line in factory.received if b"CHANGEDSINCE" in line]
         self.assertEqual([line.split(b" ", 1)[1] for line in asked],
-                         [b"UID FETCH 1,3 (UID FLAGS) (CHANGEDSINCE 6)"])
+                         [b"UID FETCH 1:3 (UID FLAGS) (CHANGEDSINCE 6)"])
 
         # UID 1 told again and again: a folder error, nothing written.
         modseq[0] = 8

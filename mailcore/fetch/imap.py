@@ -546,14 +546,21 @@ class _Pipelined(imap4.Command):
     """A UID FETCH sent on the bulk path: its UIDs and the items read so far. It sits in
     Twisted's tag table too, so a failed session or a lost connection fails it."""
 
-    def __init__(self, uids: list[int] | None, max_items: int | None = None) -> None:
+    def __init__(self, uids: list[int] | None, max_items: int | None = None,
+                 within: tuple[int, int] | None = None) -> None:
         super().__init__(b"UID FETCH")
-        self.uids = uids or []  # none for a set: it takes every FETCH reply
+        self.uids = uids or []  # none for a set: it takes every FETCH reply (in `within`)
         self.max_items = max_items
+        self.within = within
         self.items: list[FetchItem] = []
         self.failure: Failure | None = None
         self.result: defer.Deferred[list[FetchItem]] = defer.Deferred()
         self.defer = self.result  # type: ignore[assignment]  # what Twisted's paths fail
+
+
+def _names(item: FetchItem, within: tuple[int, int] | None) -> bool:
+    """Whether a FETCH reply names a UID from within[0] to within[1] (any reply, no bounds)."""
+    return within is None or (item.uid is not None and within[0] <= item.uid <= within[1])
 
 
 def _too_many(host: str, max_items: int) -> ProtocolFailed:
@@ -686,10 +693,11 @@ class IMAPClient(imap4.IMAP4Client):
         return (not self._dead and self.tags is not None and self.waiting is None
                 and not self.queued and self._parts is None and bool(self.line_mode))
 
-    def _bulk_send(self, uids: list[int] | None, args: bytes, max_items: int | None = None
-                   ) -> defer.Deferred[list[FetchItem]]:
+    def _bulk_send(self, uids: list[int] | None, args: bytes, max_items: int | None = None,
+                   within: tuple[int, int] | None = None) -> defer.Deferred[list[FetchItem]]:
         """Send a UID FETCH on the bulk path: of `uids`, or of a set (None: the set is in
-        `args`, and the command takes every FETCH reply until it is answered)."""
+        `args`, and the command takes every FETCH reply until it is answered, naming a UID
+        `within` when given)."""
         leftover = b""
         if self._bulk is None:
             self._bulk = ReplyReader(max_line=self.MAX_LENGTH, max_literal=self.max_literal,
@@ -697,7 +705,7 @@ class IMAPClient(imap4.IMAP4Client):
             leftover = self.clearLineBuffer()
             self.waiting = _BULK
             self._bulk_bytes = 0
-        cmd = _Pipelined(uids, max_items)
+        cmd = _Pipelined(uids, max_items, within)
         if uids is None:
             self._bulk_set = cmd
         tag = self.makeTag()
@@ -776,6 +784,8 @@ class IMAPClient(imap4.IMAP4Client):
                 cmd = self._bulk_uids.get(item.uid) if item.uid is not None else None
                 if cmd is None:
                     cmd = self._bulk_set
+                    if cmd is not None and not _names(item, cmd.within):
+                        cmd = None
                 if cmd is not None:
                     cmd.items.append(item)
                     if cmd.max_items is not None and len(cmd.items) > cmd.max_items:
@@ -1176,14 +1186,16 @@ any case too (as INBOX when it is listed so, else as first listed). Only
 
     def uid_fetch(
         self, uids: list[int] | bytes, items: bytes, modifiers: bytes = b"", *,
-        max_items: int | None = None,
+        max_items: int | None = None, within: tuple[int, int] | None = None,
     ) -> defer.Deferred[list[FetchItem]]:
         """Queue a UID FETCH of a list of UIDs or a set like b"1:500" (callers pipeline by
         queueing several lists before awaiting). Both go on the bulk path when they can,
         whose reader parses each reply as it arrives: a list beside other lists, a set
         alone (it takes every FETCH reply while it is in flight). A set whose reply holds
         more than `max_items` FETCH replies ends the session (ProtocolFailed), as does a list
-        on the bulk path given more than two replies a UID (and LIST_SLACK)."""
+        on the bulk path given more than two replies a UID (and LIST_SLACK). A set `within`
+        two UIDs keeps (and counts) only the replies naming a UID from one to the other: a
+        server's flag changes of other messages, told unasked, are none of its answer."""
         uid_set = uids if isinstance(uids, bytes) else compress_set(uids)
         if not isinstance(uids, bytes) and max_items is None:
             # On the bulk path a list takes the replies naming its UIDs: each once, maybe a
@@ -1195,7 +1207,7 @@ any case too (as INBOX when it is listed so, else as first listed). Only
             args += b" (" + modifiers + b")"
         if isinstance(uids, bytes):
             if self._bulk is None and self._bulk_possible():
-                return self._bulk_send(None, args, max_items)
+                return self._bulk_send(None, args, max_items, within)
         elif self._bulk_set is None and self._bulk_possible():
             return self._bulk_send(uids, args, max_items)
         d = self.send(b"UID FETCH", args)  # after the command(s) in flight, on Twisted's reader
@@ -1205,7 +1217,7 @@ any case too (as INBOX when it is listed so, else as first listed). Only
             if isinstance(uids, bytes) and max_items is not None and len(lines) > max_items:
                 self._fail(_too_many(self.host, max_items))
                 raise _too_many(self.host, max_items)
-            return [parse_fetch(line) for line in lines]
+            return [item for item in map(parse_fetch, lines) if _names(item, within)]
 
         return d.addCallback(parse)
 

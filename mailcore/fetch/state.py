@@ -156,6 +156,17 @@ def thd_held_uids(conn: Connection, folder_id: int, uidvalidity: int, after: int
     ).scalars())
 
 
+def thd_held_span(conn: Connection, folder_id: int, uidvalidity: int,
+                  highest: int) -> tuple[int, int]:
+    """How many UIDs we hold of (folder, uidvalidity) up to `highest`, and the lowest of
+    them (0 when none): one look at the (folder, uidvalidity, uid) index."""
+    count, lowest = conn.execute(
+        select(func.count(), func.min(messages.c.uid)).where(messages.c.folder_id == folder_id)
+        .where(messages.c.uidvalidity == uidvalidity).where(messages.c.uid <= highest)
+    ).one()
+    return int(count), int(lowest or 0)
+
+
 def thd_stored_uidls(conn: Connection, folder_id: int) -> dict[str, int | None]:
     """The UIDLs we hold of a POP3 folder, with the size LIST gave each when it was fetched
     (None: fetched before sizes were kept, or LIST left it out)."""
