@@ -268,6 +268,39 @@ class LyingExistsTests(TestCase):
         self.assertLessEqual(len(imap._FLAG_SETS), 2)
 
 
+class SetWithinTests(TestCase):
+    """A UID FETCH of a set `within` two UIDs (a CONDSTORE resync's changes) keeps and
+    counts the replies naming them only, and past `max_items` fails TooManyReplies once
+    answered, the session going on: its caller asks otherwise."""
+
+    replies = (b"* 1 FETCH (UID 1 FLAGS ())\r\n* 9 FETCH (UID 9 FLAGS ())\r\n"
+               b"* 2 FETCH (UID 2 FLAGS ())\r\n* 3 FETCH (UID 3 FLAGS ())\r\n")
+
+    def test_replies_naming_other_uids_are_not_kept(self) -> None:
+        client, _transport = connected()
+        d = client.uid_fetch(b"1:3", b"UID FLAGS", max_items=3, within=(1, 3))
+        client.dataReceived(self.replies + b"0001 OK done\r\n")
+        self.assertEqual([i.uid for i in self.successResultOf(d)], [1, 2, 3])
+
+    def test_past_max_items_the_command_fails_alone(self) -> None:
+        for busy in (False, True):  # the bulk path, or Twisted's reader behind a NOOP
+            client, transport = connected()
+            noop = client.send(b"NOOP") if busy else None
+            d = client.uid_fetch(b"1:3", b"UID FLAGS", max_items=2, within=(1, 3))
+            tag = b"0002" if busy else b"0001"
+            client.dataReceived((b"0001 OK noop\r\n" if busy else b"") + self.replies
+                                + tag + b" OK done\r\n")
+            error = self.failureResultOf(d).value
+            self.assertIsInstance(error, imap.TooManyReplies)
+            self.assertEqual(str(error), "fake sent more than 2 FETCH replies for one UID FETCH")
+            self.assertFalse(transport.disconnecting)
+            if noop is not None:
+                self.successResultOf(noop)
+            after = client.send(b"NOOP")
+            client.dataReceived(b"%s OK noop\r\n" % (b"0003" if busy else b"0002"))
+            self.successResultOf(after)
+
+
 class ChangedFlagsFloodTests(TestCase):
     """The flags a QRESYNC EXAMINE says changed (RFC 7162 3.2.5.1) were taken up to the
     folder's EXISTS and ARRIVING, whatever their UID: each line kept, then parsed, then a
@@ -402,9 +435,9 @@ class FlagsResyncCostTests(TestCase):
 
     timeout = 30
 
-    def serve(self, modseq: list[int]) -> FakeIMAPFactory:
+    def serve(self, modseq: list[int], told: int = 1) -> FakeIMAPFactory:
         """A CONDSTORE server of UIDs 2, 4, 6, 8 and 10, answering a flags UID FETCH for
-        every UID of its set (held or not) and UID 12 unasked."""
+        every UID of its set (held or not, `told` times each) and UID 12 unasked."""
         def examine(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
             conn.transport.write(b"* 5 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n"
                                  b"* OK [UIDNEXT 11] ok\r\n* OK [HIGHESTMODSEQ %d] ok\r\n"
@@ -426,7 +459,7 @@ class FlagsResyncCostTests(TestCase):
                                          % (uid, uid, len(body)))
                 else:
                     conn.transport.write(b"* %d FETCH (UID %d FLAGS (\\Answered))\r\n"
-                                         % (uid, uid))
+                                         % (uid, uid) * told)
             if b"RFC822.SIZE" not in rest and b"BODY" not in rest:
                 conn.transport.write(b"* 6 FETCH (UID 12 FLAGS (\\Deleted))\r\n")
             conn.transport.write(tag + b" OK fetched\r\n")
@@ -462,6 +495,27 @@ class FlagsResyncCostTests(TestCase):
         self.assertEqual(result.folders["INBOX"].flags_updated, 5)
         self.assertEqual(await env.copies(account.id, "INBOX"),
                          {uid: ("\\Answered", True) for uid in (2, 4, 6, 8, 10)})
+
+    async def test_more_changes_than_the_uids_held_take_are_asked_by_lists(self) -> None:
+        """Replies past two a UID held and ARRIVING (messages among them we do not hold:
+        skipped, or outside a days limit) are not kept: the lists of the UIDs held are
+        asked, in the same session."""
+        self.patch(engine, "ARRIVING", 0)
+        modseq = [5]
+        factory = self.serve(modseq, told=2)  # 18 replies for 5 UIDs held
+        env, account = await cleartext_account(self, self.port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 5))
+        modseq[0] = 6
+        result = await env.engine.sync(account.id)
+        self.assertEqual(result.status, "success", result.problems())
+        asked = [line.split(b" ", 1)[1] for _tls, line in factory.received
+                 if line.endswith(b"(UID FLAGS) (CHANGEDSINCE 5)")]
+        self.assertEqual(asked, [b"UID FETCH 2:10 (UID FLAGS) (CHANGEDSINCE 5)",
+                                 b"UID FETCH 2,4,6,8,10 (UID FLAGS) (CHANGEDSINCE 5)"])
+        self.assertEqual(result.folders["INBOX"].flags_updated, 5)
+        self.assertEqual(len([line for _tls, line in factory.received
+                              if b"LOGIN" in line or b"AUTHENTICATE" in line]), 2)
 
     async def test_every_flag_is_asked_by_lists_of_bounded_lines(self) -> None:
         self.patch(engine, "_LIST_BYTES", 3)

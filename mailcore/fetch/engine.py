@@ -63,6 +63,7 @@ from mailcore.fetch.imap import (
     RemoteFolder,
     SelectInfo,
     ServerSpec,
+    TooManyReplies,
     compress_set,
     open_session,
 )
@@ -103,7 +104,7 @@ _Parsed = tuple[list[FetchedMessage], list[ParsedMessage]]
 TRASH_NAMES = {"trash", "deleted items", "deleted messages", "deleted", "bin"}
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SIZE_CHUNK = 2000
-# The UIDs held of a folder read at once for a resync of every flag.
+# The UIDs held of a folder read at once when their flags are asked by lists.
 _HELD_PAGE = 50_000
 # The longest list of UIDs (as a set: "1:3,7") one UID FETCH of their flags sends: RFC 7162
 # 4 asks clients to keep command lines within about 8,192 bytes (2,000 sparse UIDs were 22 KB).
@@ -1025,22 +1026,34 @@ class SyncEngine:
         account's limits), not by the folder's EXISTS, and only the flags of UIDs held are
         taken. Asked by lists of the UIDs held, the changes of a folder of 300,000 took
         150 commands and every UID held read from the store, each sync with new mail.
-        Every flag (a HIGHESTMODSEQ gone back: each message held answers) is asked by
-        lists of the UIDs held, read a page at a time, each list a line of at most
-        _LIST_BYTES: a list takes at most two replies a UID, and a reply naming a UID we
-        do not hold is not kept."""
+        Every flag (a HIGHESTMODSEQ gone back: each message held answers), and the changes
+        when they take more replies than that, are asked by lists of the UIDs held, read a
+        page at a time, each list a line of at most _LIST_BYTES: a list takes at most two
+        replies a UID, and a reply naming a UID we do not hold is not kept."""
         if modifiers:
             count, lowest = await self.db.read("fetch_held_span", thd_held_span, folder_id,
                                                uidvalidity, max_uid)
             if not count:
                 return {}
             span = b"%d" % lowest if lowest == max_uid else b"%d:%d" % (lowest, max_uid)
-            changed = await session.uid_fetch(span, b"UID FLAGS", modifiers,
-                                              max_items=2 * count + ARRIVING,
-                                              within=(lowest, max_uid))
+            try:
+                changed = await session.uid_fetch(span, b"UID FLAGS", modifiers,
+                                                  max_items=2 * count + ARRIVING,
+                                                  within=(lowest, max_uid))
+            except TooManyReplies:
+                # Changes of more messages we do not hold among them (or a server flooding
+                # the command): they are asked by the lists, whose replies bound themselves.
+                return await self._held_lists(session, folder_id, uidvalidity, max_uid,
+                                              modifiers)
             return await self._held_only(folder_id, uidvalidity, {
                 item.uid: item.flags for item in changed
                 if item.uid is not None and item.flags is not None})
+        return await self._held_lists(session, folder_id, uidvalidity, max_uid, modifiers)
+
+    async def _held_lists(self, session: IMAPClient, folder_id: int, uidvalidity: int,
+                          max_uid: int, modifiers: bytes) -> dict[int, tuple[str, ...]]:
+        """The flags the server gives the UIDs we hold up to `max_uid`, asked by lists of
+        them (see _held_flags)."""
         changes: dict[int, tuple[str, ...]] = {}
         after = 0
         while True:
@@ -1049,7 +1062,7 @@ class SyncEngine:
             if not page:
                 return changes
             held = set(page)
-            asked = [session.uid_fetch(uids, b"UID FLAGS")
+            asked = [session.uid_fetch(uids, b"UID FLAGS", modifiers)
                      for uids in _by_line(page, _LIST_BYTES)]  # pipelined
             try:
                 for answer in asked:

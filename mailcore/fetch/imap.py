@@ -552,6 +552,7 @@ class _Pipelined(imap4.Command):
         self.uids = uids or []  # none for a set: it takes every FETCH reply (in `within`)
         self.max_items = max_items
         self.within = within
+        self.over = False  # a set `within` given more than `max_items`: none kept since
         self.items: list[FetchItem] = []
         self.failure: Failure | None = None
         self.result: defer.Deferred[list[FetchItem]] = defer.Deferred()
@@ -565,6 +566,12 @@ def _names(item: FetchItem, within: tuple[int, int] | None) -> bool:
 
 def _too_many(host: str, max_items: int) -> ProtocolFailed:
     return ProtocolFailed(f"{host} sent more than {max_items} FETCH replies for one UID FETCH")
+
+
+class TooManyReplies(ProtocolFailed):
+    """A UID FETCH of a set `within` two UIDs was given more than its `max_items` replies
+    naming them: none was kept past them, and the session goes on (its caller asks some
+    other way)."""
 
 
 # What `waiting` holds while the bulk reader owns the connection: Twisted queues commands.
@@ -786,10 +793,12 @@ class IMAPClient(imap4.IMAP4Client):
                     cmd = self._bulk_set
                     if cmd is not None and not _names(item, cmd.within):
                         cmd = None
-                if cmd is not None:
+                if cmd is not None and not cmd.over:
                     cmd.items.append(item)
                     if cmd.max_items is not None and len(cmd.items) > cmd.max_items:
-                        raise _too_many(self.host, cmd.max_items)
+                        if cmd.within is None:
+                            raise _too_many(self.host, cmd.max_items)
+                        cmd.items, cmd.over = [], True
             return None  # EXISTS, EXPUNGE, FETCH of flags alone...: nothing for a backup
         tag, _, rest = first.partition(b" ")
         cmd = self._bulk_tags.pop(tag, None)
@@ -806,6 +815,9 @@ class IMAPClient(imap4.IMAP4Client):
         if status.upper() != b"OK":
             cmd.failure = Failure(ProtocolFailed(
                 f"UID FETCH refused by {self.host}: {_show(text or rest)}"))
+        elif cmd.over:
+            assert cmd.max_items is not None
+            cmd.failure = Failure(TooManyReplies(str(_too_many(self.host, cmd.max_items))))
         return cmd
 
     def lineReceived(self, line: bytes) -> None:
@@ -1194,8 +1206,10 @@ any case too (as INBOX when it is listed so, else as first listed). Only
         alone (it takes every FETCH reply while it is in flight). A set whose reply holds
         more than `max_items` FETCH replies ends the session (ProtocolFailed), as does a list
         on the bulk path given more than two replies a UID (and LIST_SLACK). A set `within`
-        two UIDs keeps (and counts) only the replies naming a UID from one to the other: a
-        server's flag changes of other messages, told unasked, are none of its answer."""
+        two UIDs keeps (and counts) only the replies naming a UID from one to the other (a
+        server's flag changes of other messages, told unasked, are none of its answer), and
+        given more than `max_items` of them keeps none past them and fails TooManyReplies
+        once answered: the session goes on."""
         uid_set = uids if isinstance(uids, bytes) else compress_set(uids)
         if not isinstance(uids, bytes) and max_items is None:
             # On the bulk path a list takes the replies naming its UIDs: each once, maybe a
@@ -1214,10 +1228,14 @@ any case too (as INBOX when it is listed so, else as first listed). Only
 
         def parse(result: tuple[list[bytes], bytes]) -> list[FetchItem]:
             lines = [line for line in result[0] if _RE_FETCH.match(line)]
-            if isinstance(uids, bytes) and max_items is not None and len(lines) > max_items:
+            if isinstance(uids, bytes) and max_items is not None and len(lines) > max_items \
+                    and within is None:
                 self._fail(_too_many(self.host, max_items))
                 raise _too_many(self.host, max_items)
-            return [item for item in map(parse_fetch, lines) if _names(item, within)]
+            found = [item for item in map(parse_fetch, lines) if _names(item, within)]
+            if within is not None and max_items is not None and len(found) > max_items:
+                raise TooManyReplies(str(_too_many(self.host, max_items)))
+            return found
 
         return d.addCallback(parse)
 
