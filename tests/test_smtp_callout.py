@@ -81,6 +81,22 @@ class SinkConnector(Connector):
                 pump.flush()
 
 
+# Next hops' RCPT replies by local part: refusals of the recipient itself, and refusals
+# that say nothing of it.
+REPLIES = {
+    "plain": b"550 No such user here",
+    "moved": b"551 5.1.6 User has moved; please try <b@example.org>",
+    "syntax": b"553 5.1.3 Bad recipient address syntax",
+    "disabled": b"550-5.2.1 The email account that you tried to reach is disabled.\r\n"
+                b"550 5.2.1 Learn more at the help centre",
+    "relay": b"554 5.7.1 <relay@example.com>: Relay access denied",
+    "blocked": b"550 5.7.1 Client host rejected: blocked",
+    "sender": b"553 5.1.8 <>: Sender address rejected: Domain not found",
+    "policy": b"552 5.2.2 Mailbox full",
+    "service": b"554 Transaction failed",
+}
+
+
 class CalloutTestCase(TestCase):
     """example.com (no address list: verified) and listed.example (john, postmaster), both
     relayed to mx.example.net; its sink refuses nobody@ and answers later@ 451."""
@@ -109,7 +125,7 @@ class CalloutTestCase(TestCase):
             return b"550 5.1.1 no such user (local parts are case-sensitive here)"
         if address.startswith("long"):
             return b"550 5.1.1 " + b"x" * 600
-        return None
+        return REPLIES.get(address.partition("@")[0])
 
     def make_factory(self, local: HostedAddresses | None = None,
                      **settings: Any) -> SMTPServerFactory:
@@ -193,6 +209,34 @@ class VerificationTests(CalloutTestCase):
                         reply)
         # The longest address (64 + 1 + 255 octets) would still fit.
         self.assertLessEqual(len(reply) + 2 + (320 - len(address)), 512)
+
+    def test_only_a_refusal_of_the_recipient_itself_is_undeliverable(self) -> None:
+        """A 550, 551 or 553 whose enhanced status code, if any, is about the address
+        (RFC 3463 5.1.x but the sender's 5.1.7/5.1.8, or 5.2.1). Any other 5xx (a relay
+        refusal, a blocked client, a full mailbox) was taken as undeliverable too and
+        kept: every address of the domain refused 550 for verify_negative_ttl."""
+        s = self.session(self.make_factory())
+        for local in ("plain", "moved", "syntax", "disabled"):
+            with self.subTest(local=local):
+                [reply] = self.rcpt(s, f"{local}@example.com")
+                self.assertTrue(reply.startswith(f"550 5.1.1 <{local}@example.com>: "
+                                                 "Recipient address rejected: "
+                                                 "undeliverable address"), reply)
+        for local in ("relay", "blocked", "sender", "policy", "service"):
+            with self.subTest(local=local):
+                self.assertEqual(self.rcpt(s, f"{local}@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.metric("probes", UNDELIVERABLE), 4)
+        self.assertEqual(self.metric("probes", UNKNOWN), 5)
+        self.assertEqual([address for address, _, _ in self.stored()], [
+            "disabled@example.com", "moved@example.com", "plain@example.com",
+            "syntax@example.com"])
+
+    def test_a_refused_mail_from_is_no_answer(self) -> None:
+        self.state.mail_reply = b"550 5.7.1 <>: null sender refused"
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "user@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.metric("probes", UNKNOWN), 1)
+        self.assertEqual(self.stored(), [])
 
     def test_no_answer_accepts_by_default(self) -> None:
         s = self.session(self.make_factory())

@@ -10,12 +10,14 @@ domain's route from the queue's Router, its TLS policy, the next-hop address pol
 MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
 (`SMTPSession.probe`).
 
-- A 2xx is `DELIVERABLE`, a 5xx `UNDELIVERABLE` (the server answers 550 5.1.1 with the next
-  hop's reply); both are kept in the store (`recipient_verdicts`, shared by the nodes of
-  one PostgreSQL), keyed by the address with its domain lower-cased (`verdict_key`), for
-  `verify_positive_ttl` (days) and `verify_negative_ttl` (hours), and swept once expired
-  (`VerdictSweeper`).
-- Anything else (no connection, a 4xx, a refused MAIL FROM:<>, past `verify_timeout` in
+- A 2xx is `DELIVERABLE`; a 550, 551 or 553 whose enhanced status code, if any, is about
+  the recipient (5.1.x but the sender's 5.1.7 and 5.1.8, or 5.2.1: `refuses_recipient`) is
+  `UNDELIVERABLE` (the server answers 550 5.1.1 with the next hop's reply); both are kept
+  in the store (`recipient_verdicts`, shared by the nodes of one PostgreSQL), keyed by the
+  address with its domain lower-cased (`verdict_key`), for `verify_positive_ttl` (days)
+  and `verify_negative_ttl` (hours), and swept once expired (`VerdictSweeper`).
+- Anything else (no connection, a 4xx, another 5xx such as "554 5.7.1 Relay access
+  denied" or a blocked client's 550 5.7.1, a refused MAIL FROM:<>, past `verify_timeout` in
   all, the hop's concurrency bound included) is `UNKNOWN`, not kept: `verify_unreachable`
   decides (accept, the default: the gateway holds mail while the customer's server is
   down; or 450 4.1.1).
@@ -46,7 +48,7 @@ from twisted.python.failure import Failure
 from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.queue.routing import LOCAL, Hop
 from mailcore.queue.runner import Connector, open_host
-from mailcore.smtp.client import SMTPSession
+from mailcore.smtp.client import Reply, SMTPSession
 from mailcore.smtp.settings import SMTPSettings
 from mailcore.store import Database
 from mailcore.store.verdicts import thd_read_verdict, thd_sweep_verdicts, thd_write_verdict
@@ -65,6 +67,17 @@ SWEEP_BATCH = 1000
 # 4.5.3.1.5), which strict clients enforce.
 MAX_REPLY = 120
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+# The RCPT replies that may refuse the recipient itself (RFC 5321 4.2.2), and the enhanced
+# status codes (RFC 3463) that say it is the recipient's fault: any of 5.1.x, the
+# addressing status, except 5.1.7 and 5.1.8, which are about the sender's address (5.1.1
+# bad mailbox, 5.1.2 bad system, 5.1.3 bad syntax, 5.1.6 moved, 5.1.10 null MX, RFC
+# 7505), and 5.2.1, a disabled mailbox (Gmail's "account disabled": RFC 3463 allows it to
+# be temporary, which verify_negative_ttl bounds). A blocked client's or a relay policy's
+# refusal (550 5.7.1, 554 5.7.1) is no answer about the recipient.
+RECIPIENT_CODES = frozenset({550, 551, 553})
+RECIPIENT_STATUS = frozenset({"5.2.1"})
+SENDER_DETAILS = frozenset({"7", "8"})
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 
 
 @dataclass(frozen=True)
@@ -230,7 +243,7 @@ class RecipientVerifier:
         text = quoted(str(reply))
         if reply.ok:
             return Verdict(DELIVERABLE, text)
-        if reply.permanent and not reply.protocol_error:
+        if refuses_recipient(reply):
             return Verdict(UNDELIVERABLE, text)
         return Verdict(UNKNOWN, text)
 
@@ -239,6 +252,23 @@ class RecipientVerifier:
         return defer.Deferred.fromCoroutine(delete_in_batches(
             self.db, "verdict_sweep", thd_sweep_verdicts, self.clock.seconds(),
             batch=SWEEP_BATCH))
+
+
+def refuses_recipient(reply: Reply) -> bool:
+    """Whether a RCPT's reply says the recipient itself is undeliverable: 550, 551 or 553
+    (RFC 5321 4.2.2/4.2.3: mailbox unavailable, not local, name not allowed) whose enhanced
+    status code, when it has one, is about the recipient's address (RECIPIENT_STATUS).
+    Another 5xx ("554 5.7.1 Relay access denied", "550 5.7.1 client blocked", a policy
+    refusal of MAIL FROM:<> deferred to RCPT...) says nothing of the recipient: kept as
+    undeliverable, it would have every address of the domain refused for
+    verify_negative_ttl."""
+    if reply.protocol_error or reply.code not in RECIPIENT_CODES:
+        return False
+    status = _ENHANCED.match(reply.lines[0] if reply.lines else "")
+    if status is None:
+        return True  # a next hop without enhanced status codes: its code says it
+    return f"{status[1]}.{status[2]}.{status[3]}" in RECIPIENT_STATUS or (
+        status[1] == "5" and status[2] == "1" and status[3] not in SENDER_DETAILS)
 
 
 def verdict_key(address: str) -> str:

@@ -117,11 +117,12 @@ class SMTPSettings:
       refuses bounces to a sender who is usually forged: backscatter, which gets the
       gateway blocklisted). At RCPT the domain's next hop is asked, as the queue reaches
       it (its route and TLS policy), with MAIL FROM:<> and RCPT TO, then RSET and QUIT
-      (never DATA); its 5xx is our 550 5.1.1 with its reply. Answers are kept in the store
-      for every node (see mailcore.gateway.callout).
+      (never DATA); its refusal of the recipient itself (550, 551 or 553 about the
+      address: mailcore.gateway.callout.refuses_recipient) is our 550 5.1.1 with its
+      reply. Answers are kept in the store for every node (see mailcore.gateway.callout).
     - `verify_unreachable` ("accept"): what a RCPT gets when the next hop gives no answer
-      (unreachable, 4xx, past `verify_timeout`): "accept" takes the mail (the gateway holds
-      it while the customer's server is down), "defer" answers 450 4.1.1.
+      (unreachable, 4xx, another 5xx, past `verify_timeout`): "accept" takes the mail (the
+      gateway holds it while the customer's server is down), "defer" answers 450 4.1.1.
     - `verify_timeout` (10): seconds one verification may take in all, connection and TLS
       included (the client waits at RCPT); then `verify_unreachable` decides. Less than
       `command_timeout`, which would otherwise answer the RCPT 451 first.

@@ -94,6 +94,7 @@ class SinkState:
 
     messages: list[Received] = field(default_factory=list)
     rcpt_reply: Callable[[str], bytes | None] = lambda _addr: None
+    mail_reply: bytes | None = None  # sent to MAIL instead of 250
     data_reply: Callable[[Received], bytes | None] = lambda _msg: None
     # None: not offered; "ok" | "refuse" | "broken" | "inject" (an EHLO reply of its own
     # sent in clear right behind the 220, in the same write, before the handshake)
@@ -189,6 +190,9 @@ class SinkProtocol(LineReceiver):
                 self._tls = True
                 self.transport.startTLS(self.state.tls_context)  # type: ignore[union-attr]
         elif verb == b"MAIL":
+            if self.state.mail_reply is not None:
+                self.sendLine(self.state.mail_reply)
+                return
             self.mail_from = arg.split(b":", 1)[1].split(b">")[0].lstrip(b" <").decode()
             self.rcpts = []
             self.sendLine(b"250 2.1.0 Ok")
