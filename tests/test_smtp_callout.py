@@ -308,6 +308,39 @@ class VerificationTests(CalloutTestCase):
         self.assertEqual(self.stored(), [("Victim@example.com", False, NOW + 10_800),
                                          ("victim@example.com", True, NOW + 604_800)])
 
+    async def test_an_answer_holds_only_for_the_route_that_gave_it(self) -> None:
+        """An answer kept by address alone outlived the route that gave it: after `domain
+        set --redirect-to` (or the domain removed and added again) the old next hop's
+        refusal held for verify_negative_ttl, its acceptance for days."""
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "nobody@example.com")[0][:3], "550")
+        domain = self.domains.lookup("example.com")
+        assert domain is not None
+        await self.domains.update("example.com", {"redirect_to": "mx2.example.net"})
+        s = self.session(self.make_factory())  # a Router that has not cached the old route
+        self.assertEqual(self.rcpt(s, "nobody@example.com")[0][:3], "550")
+        self.assertEqual(self.rcpt(s, "nobody@example.com")[0][:3], "550")  # now kept
+        self.assertEqual([h.label for h in self.connector.connects],
+                         ["mx.example.net:25", "mx2.example.net:25"])
+        # Removed and added again, to the same next hop: a new domain id.
+        await self.domains.remove("example.com")
+        await self.domains.add("example.com", domain.owner_id, "mx2.example.net")
+        await self.domains.refresh()
+        added = self.domains.lookup("example.com")
+        assert added is not None
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "nobody@example.com")[0][:3], "550")
+        self.assertEqual(len(self.connector.connects), 3)
+        self.assertEqual(self.metric("probes", UNDELIVERABLE), 1)
+        self.assertEqual(self.metric("cache_hits", UNDELIVERABLE), 0)
+
+        def txn(conn: Any) -> list[tuple[str, int, str]]:
+            return [(r.address, r.domain_id, r.hop)
+                    for r in conn.execute(recipient_verdicts.select()).all()]
+
+        self.assertEqual(await self.db.run("read", txn),
+                         [("nobody@example.com", added.id, "mx2.example.net:25")])
+
     def test_an_answer_expires(self) -> None:
         s = self.session(self.make_factory(verify_negative_ttl=3600.0,
                                            verify_positive_ttl=10_800.0))

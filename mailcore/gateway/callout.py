@@ -14,8 +14,11 @@ MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
   the recipient (5.1.x but the sender's 5.1.7 and 5.1.8, or 5.2.1: `refuses_recipient`) is
   `UNDELIVERABLE` (the server answers 550 5.1.1 with the next hop's reply); both are kept
   in the store (`recipient_verdicts`, shared by the nodes of one PostgreSQL), keyed by the
-  address with its domain lower-cased (`verdict_key`), for `verify_positive_ttl` (days)
-  and `verify_negative_ttl` (hours), and swept once expired (`VerdictSweeper`).
+  address with its domain lower-cased (`verdict_key`), with the route that answered (the
+  domain's id and its next hop's label: once the domain is redirected, or removed and
+  added again, the answer is none and the new next hop is asked), for
+  `verify_positive_ttl` (days) and `verify_negative_ttl` (hours), and swept once expired
+  (`VerdictSweeper`).
 - Anything else (no connection, a 4xx, another 5xx such as "554 5.7.1 Relay access
   denied" or a blocked client's 550 5.7.1, a refused MAIL FROM:<>, past `verify_timeout` in
   all, the hop's concurrency bound included) is `UNKNOWN`, not kept: `verify_unreachable`
@@ -178,43 +181,53 @@ class RecipientVerifier:
             waiter.callback(result)
 
     async def _verify(self, key: str, address: str, domain_id: int) -> Verdict:
+        asking = defer.Deferred.fromCoroutine(self._lookup(key, address, domain_id))
+        asking.addTimeout(self.settings.verify_timeout, self.clock)
+        hop: Hop | None = None
         try:
-            known = await self.db.read("verdict_read", thd_read_verdict, key,
-                                       self.clock.seconds())
+            verdict, hop = await asking
+        except defer.TimeoutError:
+            verdict = Verdict(UNKNOWN, f"no answer in {self.settings.verify_timeout:g} s")
+        except Exception as e:
+            verdict = Verdict(UNKNOWN, quoted(str(e) or type(e).__name__))
+        if hop is None and not verdict.unknown:
+            return verdict  # no probe: a hosted mailbox, or an answer from the store
+        self.probes.labels(verdict.result).inc()
+        if hop is not None and not verdict.unknown:
+            ttl = (self.settings.verify_positive_ttl if verdict.result == DELIVERABLE
+                   else self.settings.verify_negative_ttl)
+            try:
+                await self.db.run("verdict_write", thd_write_verdict, key, domain_id,
+                                  hop.label, verdict.result == DELIVERABLE,
+                                  quoted(verdict.reply), self.clock.seconds() + ttl)
+            except Exception:
+                log.failure("keeping a recipient verdict failed")
+        return verdict
+
+    async def _lookup(self, key: str, address: str,
+                      domain_id: int) -> tuple[Verdict, Hop | None]:
+        """The domain's route for `address` now, then the store's answer given by that route
+        (an answer of another domain id or next hop is none: the domain was redirected, or
+        removed and added again), else a probe; with the hop probed (None: no probe)."""
+        hop = await self.router.route(domain_id, address)
+        if hop == LOCAL:
+            return HOSTED, None  # no probe; not kept, for the mailbox may go
+        try:
+            known = await self.db.read("verdict_read", thd_read_verdict, key, domain_id,
+                                       hop.label, self.clock.seconds())
+        except defer.CancelledError:
+            raise
         except Exception:
             log.failure("reading a recipient verdict failed; asking the next hop")
             known = None
         if known is not None:
             verdict = Verdict(DELIVERABLE if known[0] else UNDELIVERABLE, known[1])
             self.hits.labels(verdict.result).inc()
-            return verdict
-        asking = defer.Deferred.fromCoroutine(self._probe(address, domain_id))
-        asking.addTimeout(self.settings.verify_timeout, self.clock)
-        try:
-            verdict = await asking
-        except defer.TimeoutError:
-            verdict = Verdict(UNKNOWN, f"no answer in {self.settings.verify_timeout:g} s")
-        except Exception as e:
-            verdict = Verdict(UNKNOWN, quoted(str(e) or type(e).__name__))
-        if verdict is HOSTED:  # no probe; not kept, for the mailbox may go
-            return verdict
-        self.probes.labels(verdict.result).inc()
-        if verdict.result != UNKNOWN:
-            ttl = (self.settings.verify_positive_ttl if verdict.result == DELIVERABLE
-                   else self.settings.verify_negative_ttl)
-            try:
-                await self.db.run("verdict_write", thd_write_verdict, key,
-                                  verdict.result == DELIVERABLE, quoted(verdict.reply),
-                                  self.clock.seconds() + ttl)
-            except Exception:
-                log.failure("keeping a recipient verdict failed")
-        return verdict
+            return verdict, None
+        return await self._probe(hop, address), hop
 
-    async def _probe(self, address: str, domain_id: int) -> Verdict:
+    async def _probe(self, hop: Hop, address: str) -> Verdict:
         """One probe of the domain's next hop, within its concurrency bound."""
-        hop = await self.router.route(domain_id, address)
-        if hop == LOCAL:
-            return HOSTED
         bound = self._hops.get(hop)
         if bound is None:
             bound = self._hops[hop] = defer.DeferredSemaphore(

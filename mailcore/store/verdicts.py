@@ -10,22 +10,27 @@ from mailcore.store.schema import recipient_verdicts
 _v = recipient_verdicts.c
 
 
-def thd_read_verdict(conn: Connection, address: str, now: float) -> tuple[bool, str] | None:
-    """Whether `address` (its domain lower-cased) was deliverable and the reply that said so, while
-    that answer holds at `now`; None when there is none."""
+def thd_read_verdict(conn: Connection, address: str, domain_id: int, hop: str,
+                     now: float) -> tuple[bool, str] | None:
+    """Whether `address` (its domain lower-cased) was deliverable and the reply that said
+    so, while that answer holds at `now` and was given by the route the address has now
+    (domain `domain_id`, next hop `hop`); None when there is none."""
     row = conn.execute(
-        select(_v.deliverable, _v.reply).where(_v.address == address, _v.expires_at > now)
+        select(_v.deliverable, _v.reply).where(_v.address == address,
+                                                _v.domain_id == domain_id, _v.hop == hop,
+                                                _v.expires_at > now)
     ).first()
     return None if row is None else (bool(row.deliverable), row.reply)
 
 
-def thd_write_verdict(conn: Connection, address: str, deliverable: bool, reply: str,
-                      expires_at: float) -> None:
-    """Keep the answer about `address` (its domain lower-cased) until `expires_at`, in place of any
-    older one (another node's written at the same moment included: no error)."""
-    values = {"address": address, "deliverable": deliverable, "reply": reply,
-              "expires_at": expires_at}
-    changed = {"deliverable": deliverable, "reply": reply, "expires_at": expires_at}
+def thd_write_verdict(conn: Connection, address: str, domain_id: int, hop: str,
+                      deliverable: bool, reply: str, expires_at: float) -> None:
+    """Keep the answer of next hop `hop` of domain `domain_id` about `address` (its domain
+    lower-cased) until `expires_at`, in place of any older one (of another route, or
+    another node's written at the same moment: no error)."""
+    changed = {"domain_id": domain_id, "hop": hop, "deliverable": deliverable,
+               "reply": reply, "expires_at": expires_at}
+    values = {"address": address, **changed}
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
 

@@ -4,11 +4,15 @@ shared by the nodes of one store: the SMTP server's recipient verification
 node or per RCPT.
 
 One row per address (`address`, its domain lower-cased: a local part is case-sensitive):
-whether the next hop took it (`deliverable`), its reply (`reply`, for the 550 we give a
-refused one), and `expires_at` (epoch seconds): a row past it is no answer and is swept
-(ix_recipient_verdicts_expires_at finds them)."""
+the route that was asked (`domain_id`, the served domain's id, never given again, and
+`hop`, its next hop's label, host:port), whether that next hop took it (`deliverable`),
+its reply (`reply`, for the 550 we give a refused one), and `expires_at` (epoch seconds): a
+row past it, or of another domain id or next hop than the address's route now (the domain
+redirected, or removed and added again), is no answer; expired rows are swept
+(ix_recipient_verdicts_expires_at finds them), and one of another route is replaced by the
+next answer."""
 
-from sqlalchemy import Boolean, Column, Float, Index, String, Table
+from sqlalchemy import Boolean, Column, Float, Index, Integer, String, Table
 
 from mailcore.store.schema.meta import metadata
 
@@ -16,6 +20,8 @@ recipient_verdicts = Table(
     "recipient_verdicts",
     metadata,
     Column("address", String(320), primary_key=True),
+    Column("domain_id", Integer, nullable=False),
+    Column("hop", String(300), nullable=False),
     Column("deliverable", Boolean, nullable=False),
     Column("reply", String(512), nullable=False),
     Column("expires_at", Float, nullable=False),

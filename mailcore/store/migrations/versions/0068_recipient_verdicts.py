@@ -1,6 +1,8 @@
 """The next hops' answers about their recipients (`recipient_verdicts`), for the SMTP
 server's recipient verification (`[smtp] verify_recipients`, mailcore.gateway.callout): one
-row per lower-cased address, swept once expired (by `expires_at`, indexed).
+row per address (its local part as written, its domain lower-cased), with the route that was
+asked (`domain_id`, `hop`: an answer of another route is none), swept once expired (by
+`expires_at`, indexed).
 
 Upgrade: the table, empty (the first RCPT for each address asks its next hop). Downgrade:
 it goes (what it held is asked again).
@@ -24,6 +26,8 @@ def upgrade() -> None:
     op.create_table(
         "recipient_verdicts",
         sa.Column("address", sa.String(320), nullable=False),
+        sa.Column("domain_id", sa.Integer(), nullable=False),
+        sa.Column("hop", sa.String(300), nullable=False),
         sa.Column("deliverable", sa.Boolean(), nullable=False),
         sa.Column("reply", sa.String(512), nullable=False),
         sa.Column("expires_at", sa.Float(), nullable=False),
