@@ -143,8 +143,8 @@ class CalloutTestCase(TestCase):
         self.connector.flush()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def session(self, factory: SMTPServerFactory) -> Session:
-        s = Session(factory)
+    def session(self, factory: SMTPServerFactory, client_ip: str = "192.0.2.10") -> Session:
+        s = Session(factory, client_ip=client_ip)
         self.sessions.append(s)
         s.hello()
         self.assertEqual(s.codes(b"MAIL FROM:<someone@remote.test>\r\n"), ["250"])
@@ -383,13 +383,31 @@ class VerificationTests(CalloutTestCase):
     def test_probes_to_one_next_hop_are_bounded(self) -> None:
         factory = self.make_factory(verify_hop_concurrency=2)
         self.connector.stall = True
-        sessions = [self.session(factory) for _ in range(3)]
+        sessions = [self.session(factory, f"192.0.2.{10 + i}") for i in range(3)]
         for i, s in enumerate(sessions):
             s.send(f"RCPT TO:<user{i}@example.com>\r\n".encode())
         self.assertEqual(len(self.connector.connects), 2)  # the third waits its turn
         self.clock.advance(10)  # all three out of time: the waiting one too
         self.assertEqual([s.replies() for s in sessions], [["250 2.1.5 Ok"]] * 3)
         self.assertEqual(self.verifier._hops, {})  # nothing held for the hop
+
+    def test_a_probes_quit_holds_its_slot_of_the_next_hop(self) -> None:
+        """The answer is given at once, but the slot is freed only once the connection
+        closes: released at the answer, a next hop that does not answer QUIT had
+        QUIT_TIMEOUT (10 s) of closing connections pile up past verify_hop_concurrency."""
+        factory = self.make_factory(verify_hop_concurrency=1, verify_timeout=15.0)
+        self.state.answer_quit = False
+        first, second = self.session(factory), self.session(factory, "192.0.2.11")
+        self.assertEqual(self.rcpt(first, "user0@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.rcpt(second, "user1@example.com"), [])  # waits for the slot
+        self.assertEqual(len(self.connector.connects), 1)
+        self.clock.advance(10)  # QUIT_TIMEOUT: the first connection is closed
+        self.connector.flush()
+        self.assertEqual(second.replies(), ["250 2.1.5 Ok"])
+        self.assertEqual(len(self.connector.connects), 2)
+        self.assertEqual(self.metric("probes", DELIVERABLE), 2)
+        self.clock.advance(10)
+        self.assertEqual(self.verifier._hops, {})
 
     def test_only_served_relayed_domains_without_a_list_are_probed(self) -> None:
         s = self.session(self.make_factory())

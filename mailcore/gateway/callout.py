@@ -29,7 +29,9 @@ MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
   answer). postmaster@ is always accepted (RFC 5321 4.5.1) and never asked about; a hosted
   mailbox of a relayed domain routes LOCAL and is deliverable without a probe.
 - RCPTs for one address while its probe runs wait for that probe (one per node); at most
-  `verify_hop_concurrency` probes go to one next hop at once.
+  `verify_hop_concurrency` probe connections of one node are open to one next hop at once
+  (a bound per node, not shared through the store), each holding its slot until it is
+  closed, its QUIT included.
 
 Metrics: `mailcore_smtp_verify_probes_total{result}` and
 `mailcore_smtp_verify_cache_hits_total{result}`.
@@ -227,20 +229,32 @@ class RecipientVerifier:
         return await self._probe(hop, address), hop
 
     async def _probe(self, hop: Hop, address: str) -> Verdict:
-        """One probe of the domain's next hop, within its concurrency bound."""
+        """One probe of the domain's next hop, within its concurrency bound, which its QUIT
+        holds too: the answer is given at once, the slot freed once the connection is
+        closed (the next hop answered QUIT, or QUIT_TIMEOUT passed), so that no more than
+        verify_hop_concurrency connections of ours are ever open to it."""
         bound = self._hops.get(hop)
         if bound is None:
             bound = self._hops[hop] = defer.DeferredSemaphore(
                 self.settings.verify_hop_concurrency)
         await bound.acquire()
+        quitting: defer.Deferred[None] | None = None
         try:
-            return await self._ask(hop, address)
+            verdict, quitting = await self._ask(hop, address)
+            return verdict
         finally:
-            bound.release()
-            if not bound.waiting and bound.tokens == bound.limit:
-                self._hops.pop(hop, None)
+            if quitting is None:
+                self._release(hop, bound)
+            else:
+                quitting.addBoth(lambda _: self._release(hop, bound))
 
-    async def _ask(self, hop: Hop, address: str) -> Verdict:
+    def _release(self, hop: Hop, bound: defer.DeferredSemaphore) -> None:
+        bound.release()
+        if not bound.waiting and bound.tokens == bound.limit:
+            self._hops.pop(hop, None)
+
+    async def _ask(self, hop: Hop, address: str) -> tuple[Verdict, defer.Deferred[None]]:
+        """The next hop's answer about `address`, and its QUIT under way."""
         session: SMTPSession | None = None
         try:
             session = await open_host(self.connector, hop)
@@ -250,15 +264,15 @@ class RecipientVerifier:
                 session.abort()
             raise
         # The answer is in: the QUIT (awaited up to QUIT_TIMEOUT) is not counted in
-        # verify_timeout, nor the RCPT held for it.
+        # verify_timeout, nor the RCPT held for it, but it holds the hop's slot.
         quitting = defer.Deferred.fromCoroutine(session.quit())
         quitting.addErrback(lambda f: log.failure("QUIT after a recipient probe failed", f))
         text = quoted(str(reply))
         if reply.ok:
-            return Verdict(DELIVERABLE, text)
+            return Verdict(DELIVERABLE, text), quitting
         if refuses_recipient(reply):
-            return Verdict(UNDELIVERABLE, text)
-        return Verdict(UNKNOWN, text)
+            return Verdict(UNDELIVERABLE, text), quitting
+        return Verdict(UNKNOWN, text), quitting
 
     def sweep(self) -> defer.Deferred[int]:
         """Delete the expired answers, SWEEP_BATCH a transaction; how many."""

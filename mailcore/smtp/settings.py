@@ -128,8 +128,9 @@ class SMTPSettings:
       `command_timeout`, which would otherwise answer the RCPT 451 first.
     - `verify_positive_ttl` (604800, 7 days), `verify_negative_ttl` (10800, 3 hours): how
       long an address the next hop took, or refused, is answered from the store.
-    - `verify_hop_concurrency` (4): verifications open to one next hop at once; more wait
-      (within `verify_timeout`).
+    - `verify_hop_concurrency` (4): verification connections this node has open to one
+      next hop at once (per node; until each is closed, QUIT included); more wait (within
+      `verify_timeout`).
 
     The host name in the greeting and in Received headers is the top-level `hostname`; it
     may hold no space or control character, so that no SMTP line can be split by it.

@@ -95,6 +95,7 @@ class SinkState:
     messages: list[Received] = field(default_factory=list)
     rcpt_reply: Callable[[str], bytes | None] = lambda _addr: None
     mail_reply: bytes | None = None  # sent to MAIL instead of 250
+    answer_quit: bool = True  # False: QUIT is neither answered nor closes the connection
     data_reply: Callable[[Received], bytes | None] = lambda _msg: None
     # None: not offered; "ok" | "refuse" | "broken" | "inject" (an EHLO reply of its own
     # sent in clear right behind the 220, in the same write, before the handshake)
@@ -218,6 +219,8 @@ class SinkProtocol(LineReceiver):
         elif verb == b"NOOP":
             self.sendLine(b"250 2.0.0 Ok")
         elif verb == b"QUIT":
+            if not self.state.answer_quit:
+                return
             self.sendLine(b"221 2.0.0 Bye")
             self.transport.loseConnection()  # type: ignore[union-attr]
         else:
