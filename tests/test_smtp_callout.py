@@ -409,6 +409,29 @@ class VerificationTests(CalloutTestCase):
         self.clock.advance(10)
         self.assertEqual(self.verifier._hops, {})
 
+    def test_one_client_has_at_most_two_probes_under_way(self) -> None:
+        """MAX_CLIENT_PROBES: one client's 20 sessions, each with a RCPT for a new address,
+        held every slot of the next hop (and, per node, flooded it); past two, its RCPT
+        takes verify_unreachable's rule without a probe. An IPv6 client is counted by its
+        /64."""
+        factory = self.make_factory(verify_unreachable="defer")
+        self.connector.stall = True
+        same = [self.session(factory, f"2001:db8:1:2::{i}") for i in range(1, 4)]
+        for i, s in enumerate(same[:2]):
+            self.assertEqual(self.rcpt(s, f"user{i}@example.com"), [])  # probing
+        self.assertEqual(self.rcpt(same[2], "user2@example.com"), [
+            "450 4.1.1 <user2@example.com>: Recipient address rejected: unverified address "
+            "(too many verifications for this client at once)"])
+        other = self.session(factory, "192.0.2.20")
+        self.assertEqual(self.rcpt(other, "user3@example.com"), [])  # probing
+        self.assertEqual(len(self.connector.connects), 3)
+        self.clock.advance(10)  # out of time: the slots are free again
+        self.assertEqual(self.verifier._clients, {})
+        self.assertEqual(self.metric("probes", UNKNOWN), 3)  # the refused one was none
+        self.connector.stall = False
+        self.assertEqual(self.rcpt(same[2], "user2@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(len(self.connector.connects), 4)
+
     def test_only_served_relayed_domains_without_a_list_are_probed(self) -> None:
         s = self.session(self.make_factory())
         self.assertEqual(self.rcpt(s, "john@listed.example"), ["250 2.1.5 Ok"])  # listed

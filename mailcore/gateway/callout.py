@@ -31,7 +31,9 @@ MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
 - RCPTs for one address while its probe runs wait for that probe (one per node); at most
   `verify_hop_concurrency` probe connections of one node are open to one next hop at once
   (a bound per node, not shared through the store), each holding its slot until it is
-  closed, its QUIT included.
+  closed, its QUIT included; one SMTP client (its address, an IPv6 client's /64) has at
+  most MAX_CLIENT_PROBES (2) probes of its own under way, a RCPT past them being UNKNOWN
+  without a probe (a RCPT for an address being probed joins that probe).
 
 Metrics: `mailcore_smtp_verify_probes_total{result}` and
 `mailcore_smtp_verify_cache_hits_total{result}`.
@@ -71,6 +73,10 @@ SWEEP_BATCH = 1000
 # (320 octets) and our own words, the line stays within SMTP's 512 octets (RFC 5321
 # 4.5.3.1.5), which strict clients enforce.
 MAX_REPLY = 120
+# The probes one SMTP client (its address; an IPv6 client's /64) may have under way at
+# once: past them its RCPT needing a probe is UNKNOWN at once (BUSY), so that one client's
+# 20 sessions cannot hold every slot of a next hop, nor have it flooded from every node.
+MAX_CLIENT_PROBES = 2
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # The RCPT replies that may refuse the recipient itself (RFC 5321 4.2.2), and the enhanced
 # status codes (RFC 3463) that say it is the recipient's fault: any of 5.1.x, the
@@ -104,6 +110,8 @@ class Verdict:
 
 # A relayed domain's address that is a hosted mailbox here (mailcore.queue.routing.LOCAL).
 HOSTED = Verdict(DELIVERABLE, "a hosted mailbox")
+# A RCPT whose client has MAX_CLIENT_PROBES probes under way already: not probed.
+BUSY = Verdict(UNKNOWN, "too many verifications for this client at once")
 
 
 class VerifiableDomains(Protocol):
@@ -146,16 +154,21 @@ class RecipientVerifier:
         self._waiting: dict[str, list[defer.Deferred[Verdict]]] = {}
         # Next hop -> its bound on concurrent probes.
         self._hops: dict[Hop, defer.DeferredSemaphore] = {}
+        # Client address key -> its probes under way (none: not listed).
+        self._clients: dict[str, int] = {}
 
     def wanted(self, local_part: str, domain_name: str) -> bool:
         """Whether a RCPT for this address is verified: never postmaster (always accepted),
         only for the domains `verifiable` names."""
         return local_part.lower() != "postmaster" and self.domains.verifiable(domain_name)
 
-    def verify(self, address: str, domain_id: int) -> defer.Deferred[Verdict]:
+    def verify(self, address: str, domain_id: int,
+               client: str | None = None) -> defer.Deferred[Verdict]:
         """What the next hop of `domain_id` says of `address`, from the store or by a probe
-        shared with the other RCPTs for it meanwhile. Never fails; cancelling it (the
-        server's command_timeout) leaves the others' probe running."""
+        shared with the other RCPTs for it meanwhile; BUSY when it needs a probe of its own
+        and `client` (the SMTP client's address key, connlimits.peer_key) has
+        MAX_CLIENT_PROBES under way. Never fails; cancelling it (the server's
+        command_timeout) leaves the others' probe running."""
         key = verdict_key(address)
         waiters = self._waiting.get(key)
         first = waiters is None
@@ -170,7 +183,7 @@ class RecipientVerifier:
         waiter: defer.Deferred[Verdict] = defer.Deferred(cancel)
         waiters.append(waiter)
         if first:
-            done = defer.Deferred.fromCoroutine(self._verify(key, address, domain_id))
+            done = defer.Deferred.fromCoroutine(self._verify(key, address, domain_id, client))
             done.addBoth(self._answer, key)
         return waiter
 
@@ -182,8 +195,9 @@ class RecipientVerifier:
         for waiter in waiters:
             waiter.callback(result)
 
-    async def _verify(self, key: str, address: str, domain_id: int) -> Verdict:
-        asking = defer.Deferred.fromCoroutine(self._lookup(key, address, domain_id))
+    async def _verify(self, key: str, address: str, domain_id: int,
+                      client: str | None) -> Verdict:
+        asking = defer.Deferred.fromCoroutine(self._lookup(key, address, domain_id, client))
         asking.addTimeout(self.settings.verify_timeout, self.clock)
         hop: Hop | None = None
         try:
@@ -192,8 +206,8 @@ class RecipientVerifier:
             verdict = Verdict(UNKNOWN, f"no answer in {self.settings.verify_timeout:g} s")
         except Exception as e:
             verdict = Verdict(UNKNOWN, quoted(str(e) or type(e).__name__))
-        if hop is None and not verdict.unknown:
-            return verdict  # no probe: a hosted mailbox, or an answer from the store
+        if (hop is None and not verdict.unknown) or verdict is BUSY:
+            return verdict  # no probe: a hosted mailbox, an answer from the store, BUSY
         self.probes.labels(verdict.result).inc()
         if hop is not None and not verdict.unknown:
             ttl = (self.settings.verify_positive_ttl if verdict.result == DELIVERABLE
@@ -206,8 +220,8 @@ class RecipientVerifier:
                 log.failure("keeping a recipient verdict failed")
         return verdict
 
-    async def _lookup(self, key: str, address: str,
-                      domain_id: int) -> tuple[Verdict, Hop | None]:
+    async def _lookup(self, key: str, address: str, domain_id: int,
+                      client: str | None) -> tuple[Verdict, Hop | None]:
         """The domain's route for `address` now, then the store's answer given by that route
         (an answer of another domain id or next hop is none: the domain was redirected, or
         removed and added again), else a probe; with the hop probed (None: no probe)."""
@@ -226,7 +240,20 @@ class RecipientVerifier:
             verdict = Verdict(DELIVERABLE if known[0] else UNDELIVERABLE, known[1])
             self.hits.labels(verdict.result).inc()
             return verdict, None
-        return await self._probe(hop, address), hop
+        if client is None:
+            return await self._probe(hop, address), hop
+        probing = self._clients.get(client, 0)
+        if probing >= MAX_CLIENT_PROBES:
+            return BUSY, None
+        self._clients[client] = probing + 1
+        try:
+            return await self._probe(hop, address), hop
+        finally:
+            left = self._clients[client] - 1
+            if left:
+                self._clients[client] = left
+            else:
+                del self._clients[client]
 
     async def _probe(self, hop: Hop, address: str) -> Verdict:
         """One probe of the domain's next hop, within its concurrency bound, which its QUIT

@@ -49,7 +49,8 @@ not inherit (see shared/notes/twisted-pitfalls.md):
   (mailcore.gateway.callout: MAIL FROM:<> and RCPT TO, never DATA; answers kept in the
   store): its refusal is our 550 5.1.1 with its reply, no answer is accepted (or, with
   `verify_unreachable = "defer"`, 450 4.1.1), so that we do not accept what can only
-  bounce to a sender who may be forged.
+  bounce to a sender who may be forged. One client address (an IPv6 client's /64) has at
+  most MAX_CLIENT_PROBES probes under way; past them its RCPT is no answer, unprobed.
 
 Recipients are checked against a `RecipientDirectory` (the DomainService's in-memory
 snapshot: no SQL per RCPT) and accepted messages go to a `MessageSink` (the spool), whose
@@ -968,7 +969,8 @@ class ESMTPServerProtocol(TwistedProtocol):
                     return
             if verify:
                 assert self.factory.verifier is not None
-                verdict = await self.factory.verifier.verify(address, domain_id)
+                verdict = await self.factory.verifier.verify(address, domain_id,
+                                                             self._address)
         except defer.CancelledError:  # command_timeout: the store did not answer
             self._refuse("RCPT", 451, "4.3.0", f"<{address}>: Temporary lookup failure",
                          recipients=[address])
