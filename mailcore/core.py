@@ -228,10 +228,11 @@ class Core:
         self.hosted = hosted = HostedAddresses(self.db, self.clock)
         mail_files = MailFiles(self.config.files_root / "mailapi")
         self.queue.runner.router.local = hosted
-        if SMTPSettings.from_config(self.config).verify_recipients:
+        smtp_settings = SMTPSettings.from_config(self.config)
+        if smtp_settings.verify_recipients:
             self.recipient_verifier = RecipientVerifier(
-                SMTPSettings.from_config(self.config), self.db, self.clock, self.domains,
-                self.queue.runner.router, self.queue.runner.connector, registry=self.metrics)
+                smtp_settings, self.db, self.clock, self.domains, self.queue.runner.router,
+                self.queue.runner.connector, registry=self.metrics)
         self.mailapi_settings = MailApiSettings.from_config(self.config.section("mailapi"))
         self.queue.runner.local_store = LocalMailboxes(
             mail_files, self.cpu, quota_bytes=self.mailapi_settings.mailbox_quota_bytes)
