@@ -14,6 +14,7 @@ import email.utils
 import ipaddress
 import socket
 import tracemalloc
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -111,6 +112,23 @@ class ServerTestCase(TestCase):
         for rcpt in rcpts or ("user@example.com",):
             self.assertEqual(s.codes(f"RCPT TO:<{rcpt}>\r\n".encode()), ["250"], rcpt)
         self.assertEqual(s.send(b"DATA\r\n"), ["354 End data with <CR><LF>.<CR><LF>"])
+
+    def assert_refused_whole(self, wires: Sequence[bytes], reply: str) -> None:
+        """Each of `wires` (a message's data and its end), sent at once or an octet at a
+        time, is answered `reply` alone, ends the transaction and is never queued."""
+        for wire in wires:
+            for chunked in (False, True):
+                with self.subTest(wire=wire, chunked=chunked):
+                    s = self.session()
+                    self.start(s)
+                    replies: list[str] = []
+                    for piece in ([wire[i:i + 1] for i in range(len(wire))] if chunked
+                                  else [wire]):
+                        replies += s.send(piece)
+                    self.assertEqual(replies, [reply])
+                    self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
+                    s.close()
+        self.assertEqual(self.sink.messages, [])
 
 
 class GreetingTests(ServerTestCase):
@@ -1774,22 +1792,11 @@ class NulTests(ServerTestCase):
     """Message text holds no NUL (RFC 5322 3.5): one anywhere refuses the message whole."""
 
     def test_nul_in_the_header_or_the_body_is_refused(self) -> None:
-        for wire in (b"Subject: a\x00b\r\n\r\nbody\r\n.\r\n",
-                     b"Subject: a\r\n\r\nbo\x00dy\r\n.\r\n",
-                     b"Subject: a\r\n\r\n\x00\r\n.\r\n"):
-            for chunked in (False, True):
-                with self.subTest(wire=wire, chunked=chunked):
-                    s = self.session()
-                    self.start(s)
-                    replies: list[str] = []
-                    for piece in ([wire[i:i + 1] for i in range(len(wire))] if chunked
-                                  else [wire]):
-                        replies += s.send(piece)
-                    self.assertEqual(replies, ["554 5.6.0 Error: NUL character in message "
-                                               "data; message refused"])
-                    self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
-                    s.close()
-        self.assertEqual(self.sink.messages, [])
+        self.assert_refused_whole(
+            (b"Subject: a\x00b\r\n\r\nbody\r\n.\r\n",
+             b"Subject: a\r\n\r\nbo\x00dy\r\n.\r\n",
+             b"Subject: a\r\n\r\n\x00\r\n.\r\n"),
+            "554 5.6.0 Error: NUL character in message data; message refused")
 
     def test_the_session_goes_on_after_a_nul(self) -> None:
         s = self.session()
@@ -1805,23 +1812,12 @@ class FoldedFirstLineTests(ServerTestCase):
     become part of it (the client's text in our trace), so it is refused whole."""
 
     def test_a_first_line_beginning_with_white_space_is_refused(self) -> None:
-        for wire in (b"\tby trusted.example with ESMTPSA\r\nSubject: a\r\n\r\nb\r\n.\r\n",
-                     b" for <ceo@example.com>\r\nSubject: a\r\n\r\nb\r\n.\r\n",
-                     b". (the dot is stuffing)\r\nSubject: a\r\n\r\nb\r\n.\r\n",
-                     b" \r\n.\r\n"):
-            for chunked in (False, True):
-                with self.subTest(wire=wire, chunked=chunked):
-                    s = self.session()
-                    self.start(s)
-                    replies: list[str] = []
-                    for piece in ([wire[i:i + 1] for i in range(len(wire))] if chunked
-                                  else [wire]):
-                        replies += s.send(piece)
-                    self.assertEqual(replies, ["554 5.6.0 Error: message begins with a folded "
-                                               "line (white space); message refused"])
-                    self.assertEqual(s.codes(b"RCPT TO:<u@example.com>\r\n"), ["503"])
-                    s.close()
-        self.assertEqual(self.sink.messages, [])
+        self.assert_refused_whole(
+            (b"\tby trusted.example with ESMTPSA\r\nSubject: a\r\n\r\nb\r\n.\r\n",
+             b" for <ceo@example.com>\r\nSubject: a\r\n\r\nb\r\n.\r\n",
+             b". (the dot is stuffing)\r\nSubject: a\r\n\r\nb\r\n.\r\n",
+             b" \r\n.\r\n"),
+            "554 5.6.0 Error: message begins with a folded line (white space); message refused")
 
     def test_folded_fields_and_a_first_line_with_a_dot_pass(self) -> None:
         s = self.session()
