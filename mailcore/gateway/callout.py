@@ -170,15 +170,12 @@ class RecipientVerifier:
         MAX_CLIENT_PROBES under way. Never fails; cancelling it (the server's
         command_timeout) leaves the others' probe running."""
         key = verdict_key(address)
-        waiters = self._waiting.get(key)
-        first = waiters is None
-        if waiters is None:
-            waiters = self._waiting[key] = []
-        shared = waiters
+        first = key not in self._waiting
+        waiters = self._waiting.setdefault(key, [])
 
         def cancel(d: defer.Deferred[Verdict]) -> None:
-            if d in shared:
-                shared.remove(d)
+            if d in waiters:
+                waiters.remove(d)
 
         waiter: defer.Deferred[Verdict] = defer.Deferred(cancel)
         waiters.append(waiter)
