@@ -25,18 +25,16 @@ V = TypeVar("V")
 
 
 def thd_folder_totals(
-    conn: Connection, user_id: int, account_id: int | None = None,
-    hidden: Collection[int] = (),
+    conn: Connection, user_id: int, account_id: int | None = None
 ) -> dict[str, int]:
-    """Messages per folder name (folders holding none left out), in no particular order;
-    the messages of the `hidden` accounts are not counted."""
+    """Messages per folder name (folders holding none left out), in no particular order."""
     q = (
         select(message_counts.c.folder, func.sum(message_counts.c.total))
         .where(message_counts.c.user_id == user_id)
         .where(message_counts.c.total > 0)
         .group_by(message_counts.c.folder)
     )
-    q = q.where(*_of(account_id, None, hidden))
+    q = q.where(*_of(account_id, None))
     return {folder: int(n) for folder, n in conn.execute(q)}
 
 
@@ -85,20 +83,13 @@ def thd_message_total(
     return int(conn.execute(q).scalar() or 0)
 
 
-def thd_total_and_stamp(
-    conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None
-) -> tuple[int, int]:
-    """`thd_message_total` and `thd_change_stamp` in one statement (a list page needs both)."""
-    total, stamp, _ = thd_total_stamp_and_pop(conn, user_id, account_id, folder)
-    return total, stamp
-
-
 def thd_total_stamp_and_pop(
     conn: Connection, user_id: int, account_id: int | None = None, folder: str | None = None,
     pop: bool = False,
 ) -> tuple[int, int, bool]:
-    """`thd_total_and_stamp`, and with `pop` whether one of the user's POP3 accounts holds
-    mail (`pop_mail`), in the same statement (else False)."""
+    """`thd_message_total` and `thd_change_stamp` in one statement (a list page needs both),
+    and with `pop` whether one of the user's POP3 accounts holds mail (`pop_mail`), in the
+    same statement (else False)."""
     [row] = _total_and_stamp(account_id is not None, folder is not None, pop).rows(
         conn, {"user_id": user_id, "account_id": account_id, "folder": folder})
     return int(row[0]), int(row[1]), bool(row[2]) if pop else False
@@ -128,7 +119,7 @@ def pop_mail() -> ColumnElement[bool]:
 
 def total_and_stamp_select(by_account: bool, by_folder: bool, pop: bool = False
                            ) -> Select[Any]:
-    """`thd_total_and_stamp`'s one row (total, stamp), of the messages of the account
+    """`thd_total_stamp_and_pop`'s one row (total, stamp), of the messages of the account
     `:account_id` (with `by_account`) in the folder `:folder` (with `by_folder`) of the
     user `:user_id`; with `pop`, a third column: `pop_mail` (1 or 0)."""
     c = message_counts.c
