@@ -1365,15 +1365,15 @@ def thd_get_messages(conn: Connection, user_id: int, ids: Sequence[int],
     return [by_id[i] for i in ids if i in by_id]
 
 
-def thd_thread_ids(conn: Connection, user_id: int, row_id: int,
-                   hidden: Sequence[int] = (), *, without_pop: bool = False) -> list[int]:
-    """Row ids of every message in the thread of `row_id`, oldest first; those of the
-    `hidden` accounts left out (`row_id` itself one of them: MessageNotFound);
-    `without_pop`: as `thd_get_messages`'."""
+def thd_thread_ids(conn: Connection, user_id: int, row_id: int, *,
+                   without_pop: bool = False) -> list[int]:
+    """Row ids of every message in the thread of `row_id`, oldest first; `without_pop`:
+    those of the accounts `thd_hidden_accounts` names left out (`row_id` itself one of
+    them: MessageNotFound), read only if the row's statement finds one."""
     found = conn.execute(_THREAD_OF_POP if without_pop else _THREAD_OF,
                          {"user_id": user_id, "row_id": row_id}).first()
-    if without_pop and found is not None and found.pop:
-        hidden = thd_hidden_accounts(conn, user_id)
+    hidden = thd_hidden_accounts(conn, user_id) \
+        if without_pop and found is not None and found.pop else ()
     if found is None or found.account_id in hidden:
         raise MessageNotFound(row_id)
     if found.thread_id is None:

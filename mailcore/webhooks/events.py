@@ -158,7 +158,7 @@ def thd_tell(conn: Connection, scope: ColumnElement[bool], created: datetime.dat
         data = {"imap_server": account, "emails": [email_json(d.summary) for d in found]
                 } if found else None
     else:
-        entries = _thread_entries(conn, user_id, refs, without_pop=True)
+        entries = _thread_entries(conn, user_id, refs)
         data = {"imap_server": account, "threads": entries} if entries else None
     if data is None:  # its e-mails or threads were deleted meanwhile
         return 0, True

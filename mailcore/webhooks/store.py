@@ -148,23 +148,18 @@ def thd_prune(conn: Connection, before: float, batch: int = PRUNE_BATCH) -> int:
     return int(conn.execute(delete(webhook_deliveries).where(d.id.in_(ids))).rowcount or 0)
 
 
-def _thread_entries(conn: Connection, user_id: int, thread_ids: Sequence[int],
-                    hidden: Sequence[int] = (), *, without_pop: bool = False
+def _thread_entries(conn: Connection, user_id: int, thread_ids: Sequence[int]
                     ) -> list[dict[str, Any]]:
     """thread.updated entries: each thread's size and its newest e-mail, not one of the
-    `hidden` accounts'; `without_pop`: not one of those `thd_hidden_accounts` names, read
-    only if the rows' statement finds one (`pop_mail`)."""
-    columns: list[Any] = [messages.c.id, messages.c.thread_id, messages.c.date,
-                          messages.c.account_id]
-    if without_pop:
-        columns.append(case((pop_mail(), 1), else_=0).label("pop"))
+    accounts `thd_hidden_accounts` names (the IMAP2API's `without_pop`), read only if the
+    rows' statement finds one (`pop_mail`)."""
     rows = conn.execute(
-        select(*columns)
+        select(messages.c.id, messages.c.thread_id, messages.c.date, messages.c.account_id,
+               case((pop_mail(), 1), else_=0).label("pop"))
         .where(messages.c.user_id == bindparam("user_id"))
         .where(messages.c.thread_id.in_(list(thread_ids))), {"user_id": user_id}
     ).all()
-    if without_pop and rows and rows[0].pop:
-        hidden = thd_hidden_accounts(conn, user_id)
+    hidden = thd_hidden_accounts(conn, user_id) if rows and rows[0].pop else ()
     newest: dict[int, tuple[Any, int]] = {}
     for r in rows:
         if r.account_id in hidden:
