@@ -908,13 +908,24 @@ def _asks_pop_first(query: MessageQuery, cache: CountCache | None, marks: PageMa
                     unless: int | None) -> bool:
     """Whether the first statement `_thd_list_messages` runs for a query without hidden
     accounts reads the user's change stamp, so can ask `pop_mail` too: a list counted from
-    the kept counts (`thd_total_stamp_and_pop`, `_page_with_total`) or one whose rows change
-    only with the stamp (`thd_change_stamp_and_pop`), which every list of the store's is
-    (it keeps counts)."""
-    keyset = marks is not None and query.ordering.strip() in ("-date", "date") \
+    the kept counts (`thd_total_stamp_and_pop`, `_page_with_total`: keyset ones, so
+    stamped) or one whose rows change only with the stamp (`thd_change_stamp_and_pop`),
+    which every list of the store's is (it keeps counts)."""
+    return _reads_stamp(query, cache, _keyset(query, marks), unless)
+
+
+def _keyset(query: MessageQuery, marks: PageMarks | None) -> bool:
+    """Whether the list's pages are planned from `marks` (`_plan`): in date order, by
+    filters whose changes move the stamp."""
+    return marks is not None and query.ordering.strip() in ("-date", "date") \
         and _keyset_filters(query)
-    return (keyset and _counted(query)) \
-        or (_stamped(query) and (cache is not None or keyset or unless is not None))
+
+
+def _reads_stamp(query: MessageQuery, cache: CountCache | None, keyset: bool,
+                 unless: int | None) -> bool:
+    """Whether the list reads the user's change stamp (its rows change only with it, and
+    its count is kept, its pages planned or its reply spared by it)."""
+    return _stamped(query) and (cache is not None or keyset or unless is not None)
 
 
 def _thd_list_messages(
@@ -952,7 +963,7 @@ def _thd_list_messages(
             select(func.count()).select_from(messages).where(*where(by_match))
         return int(conn.execute(statement, values).scalar() or 0)
 
-    keyset = marks is not None and ordering in ("-date", "date") and _keyset_filters(query)
+    keyset = _keyset(query, marks)
     stamp: int | None = None
     marks_key: tuple[Any, ...] | None = None
     if keyset:
@@ -980,8 +991,9 @@ def _thd_list_messages(
         if stamp == unless:
             return Page(count=count, items=[], stamp=stamp, unchanged=True)
     else:
-        assert not check_pop or _stamped(query)  # (`_asks_pop_first`)
-        if _stamped(query) and (cache is not None or keyset or unless is not None):
+        reads_stamp = _reads_stamp(query, cache, keyset, unless)
+        assert reads_stamp or not check_pop  # (`_asks_pop_first`)
+        if reads_stamp:
             # (before the rows: a later change misses)
             stamp, pop = thd_change_stamp_and_pop(conn, user_id) if check_pop \
                 else (thd_change_stamp(conn, user_id), False)
