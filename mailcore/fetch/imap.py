@@ -329,6 +329,16 @@ def exists_count(value: bytes, host: str, folder: str) -> int:
     return count
 
 
+def examined_exists(lines: list[bytes], host: str, folder: str) -> int:
+    """The messages the EXISTS among the untagged `lines` of an EXAMINE count (the last
+    one; 0 when none), bounded as exists_count bounds them."""
+    exists = 0
+    for line in lines:
+        if m := _RE_EXISTS.match(line):
+            exists = exists_count(m.group(1), host, folder)
+    return exists
+
+
 def number(value: bytes, what: str, *, lowest: int = 1, highest: int = MAX_NUMBER) -> int:
     """A number the server sent, from `lowest` to `highest`; ProtocolFailed naming `what`
     for anything else (one over 2^63 would fail the store's BIGINT columns)."""
@@ -1128,12 +1138,10 @@ any case too (as INBOX when it is listed so, else as first listed). Only
         elif condstore:
             args += b" (CONDSTORE)"
         lines, _ = await self.send(b"EXAMINE", args, lines=changed)
-        info = SelectInfo()
+        info = SelectInfo(exists=examined_exists(lines, self.host, repr(name)))
         vanished: set[int] = set()
         for line in lines:
-            if m := _RE_EXISTS.match(line):
-                info.exists = exists_count(m.group(1), self.host, repr(name))
-            elif m := _RE_CODE.match(line):
+            if m := _RE_CODE.match(line):
                 key = m.group(1).upper()
                 # 0 is kept for UIDVALIDITY and UIDNEXT, as before (a UID is never 0).
                 if key == b"UIDVALIDITY":

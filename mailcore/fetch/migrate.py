@@ -77,7 +77,7 @@ from mailcore.fetch.imap import (
     ARRIVING,
     IMAPClient,
     ServerSpec,
-    exists_count,
+    examined_exists,
     number,
     open_session,
 )
@@ -471,14 +471,11 @@ class MailboxCopier:
                 return None
             raise _classify(e) from None
         uidvalidity: int | None = None
-        exists = 0
         try:
+            exists = examined_exists(lines, reader.host, mailbox.decode("ascii", "replace"))
             for line in lines:
                 words = line.split()
-                if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
-                    exists = exists_count(words[0], reader.host,
-                                          mailbox.decode("ascii", "replace"))
-                elif line.upper().startswith(b"OK [UIDVALIDITY ") and len(words) >= 3:
+                if line.upper().startswith(b"OK [UIDVALIDITY ") and len(words) >= 3:
                     value = words[2].rstrip(b"]")
                     uidvalidity = (number(value, "UIDVALIDITY", lowest=0) if value.isdigit()
                                    else None)

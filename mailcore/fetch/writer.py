@@ -78,7 +78,7 @@ from mailcore.fetch.imap import (
     IMAPClient,
     ServerSpec,
     compress_set,
-    exists_count,
+    examined_exists,
     expand_set,
     open_session,
     quote,
@@ -1103,13 +1103,8 @@ class MailboxWriter:
             if self.destination_path(path) not in set(await self._folders()):
                 return False
             raise
-        exists = 0
-        for line in lines:
-            words = line.split(None, 2)
-            if len(words) >= 2 and words[1].upper() == b"EXISTS" and words[0].isdigit():
-                exists = exists_count(words[0], self.session.host,
-                                      mailbox.decode("ascii", "replace"))
-        self._selected, self._exists = mailbox, exists
+        self._selected, self._exists = mailbox, examined_exists(
+            lines, self.session.host, mailbox.decode("ascii", "replace"))
         return True
 
     async def _search(self, criteria: bytes) -> list[int]:
