@@ -66,6 +66,8 @@ from mailcore.fetch.imap import (
     TooManyReplies,
     compress_set,
     open_session,
+    runs,
+    set_range,
 )
 from mailcore.fetch.pop3 import MessageTooLarge, OutOfStep, POP3Session, open_pop3
 from mailcore.fetch.secrets import SecretError
@@ -313,19 +315,17 @@ def _with(again: set[int], wanted: list[int]) -> list[int]:
 def _by_line(uids: list[int], limit: int) -> Iterator[list[int]]:
     """Sorted `uids` cut into lists each written as a set (compress_set) in at most `limit`
     bytes (a range longer than `limit` alone stays whole)."""
-    start = size = i = 0
-    while i < len(uids):
-        j = i
-        while j + 1 < len(uids) and uids[j + 1] == uids[j] + 1:
-            j += 1
-        piece = len(b"%d" % uids[i]) + (len(b":%d" % uids[j]) if j > i else 0)
-        if i > start and size + 1 + piece > limit:
-            yield uids[start:i]
-            start, size = i, 0
-        size += piece + (1 if i > start else 0)
-        i = j + 1
-    if start < len(uids):
-        yield uids[start:]
+    line: list[int] = []
+    size = 0
+    for first, last in runs(uids):
+        piece = len(set_range(first, last))
+        if line and size + 1 + piece > limit:
+            yield line
+            line, size = [], 0
+        size += piece + (1 if line else 0)
+        line.extend(range(first, last + 1))
+    if line:
+        yield line
 
 
 def _swallow(d: defer.Deferred[Any]) -> None:

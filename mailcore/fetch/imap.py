@@ -30,7 +30,7 @@ import base64
 import datetime
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -305,18 +305,25 @@ def expand_vanished(spec: bytes, highest: int) -> list[int]:
     return out
 
 
-def compress_set(numbers: list[int]) -> bytes:
-    """Sorted numbers as a compact IMAP set ("1:3,7")."""
-    ranges: list[str] = []
-    nums = sorted(set(numbers))
+def runs(nums: list[int]) -> Iterator[tuple[int, int]]:
+    """Sorted distinct numbers as (first, last) of each run of consecutive ones."""
     i = 0
     while i < len(nums):
         j = i
         while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
             j += 1
-        ranges.append(str(nums[i]) if i == j else f"{nums[i]}:{nums[j]}")
+        yield nums[i], nums[j]
         i = j + 1
-    return ",".join(ranges).encode("ascii")
+
+
+def set_range(first: int, last: int) -> bytes:
+    """One range of an IMAP set: "7", or "1:3"."""
+    return b"%d" % first if first == last else b"%d:%d" % (first, last)
+
+
+def compress_set(numbers: list[int]) -> bytes:
+    """Sorted numbers as a compact IMAP set ("1:3,7")."""
+    return b",".join(set_range(*run) for run in runs(sorted(set(numbers))))
 
 
 def exists_count(value: bytes, host: str, folder: str) -> int:
