@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Connection, select
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -33,7 +34,8 @@ from mailcore.fetch.imap import (
     compress_set,
     expand_set,
 )
-from mailcore.fetch.state import thd_held_uids, thd_update_flags
+from mailcore.fetch.state import thd_held_uids, thd_stored_uids, thd_update_flags
+from mailcore.store.schema import fetch_folders
 from tests.test_fetch_imap_hostile import (
     FakeIMAP,
     FakeIMAPFactory,
@@ -495,6 +497,26 @@ class FlagsResyncCostTests(TestCase):
         self.assertEqual(result.folders["INBOX"].flags_updated, 5)
         self.assertEqual(await env.copies(account.id, "INBOX"),
                          {uid: ("\\Answered", True) for uid in (2, 4, 6, 8, 10)})
+
+    async def test_the_uids_held_among_more_than_a_statement_binds_are_found(self) -> None:
+        """Which UIDs of a list we hold (the changes an EXAMINE or a UID FETCH told, a
+        server's UIDs beyond its UIDNEXT, those skipped) was one IN list of them all:
+        SQLite binds at most 250,000 values (32,766 by default), and the sync failed. They
+        are asked a chunk at a time (mailcore.store.chunks)."""
+        self.serve([5])
+        env, account = await cleartext_account(self, self.port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 5))
+
+        def inbox(conn: Connection) -> int:
+            return int(conn.execute(select(fetch_folders.c.id).where(
+                fetch_folders.c.account_id == account.id,
+                fetch_folders.c.name == "INBOX")).scalar_one())
+
+        folder_id = await env.db.read("test_inbox", inbox)
+        held = await env.db.read("fetch_stored_uids", thd_stored_uids, folder_id, 7,
+                                 range(1, 250_002))
+        self.assertEqual(held, {2, 4, 6, 8, 10})
 
     async def test_more_changes_than_the_uids_held_take_are_asked_by_lists(self) -> None:
         """Replies past two a UID held and ARRIVING (messages among them we do not hold:

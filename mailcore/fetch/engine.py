@@ -1077,13 +1077,12 @@ class SyncEngine:
 
     async def _held_only(self, folder_id: int, uidvalidity: int,
                          flags: dict[int, tuple[str, ...]]) -> dict[int, tuple[str, ...]]:
-        """`flags` of the UIDs we hold of the folder, looked up by lists of _SIZE_CHUNK."""
-        uids = list(flags)
-        held: set[int] = set()
-        for i in range(0, len(uids), _SIZE_CHUNK):
-            held |= await self.db.read("fetch_stored_uids", thd_stored_uids, folder_id,
-                                       uidvalidity, uids[i : i + _SIZE_CHUNK])
-        return {uid: flags[uid] for uid in uids if uid in held}
+        """`flags` of the UIDs we hold of the folder (one read, its lists chunked)."""
+        if not flags:
+            return {}
+        held = await self.db.read("fetch_stored_uids", thd_stored_uids, folder_id,
+                                  uidvalidity, list(flags))
+        return {uid: values for uid, values in flags.items() if uid in held}
 
     async def _note_skipped(self, state: FolderState, uidvalidity: int,
                             skipped: dict[int, str]) -> None:

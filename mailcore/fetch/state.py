@@ -19,7 +19,7 @@ from sqlalchemy import Connection, and_, bindparam, func, insert, select, update
 
 from mailcore.messages.sql import new_id
 from mailcore.messages.store import thd_set_pop_sizes
-from mailcore.store.chunks import rows_for
+from mailcore.store.chunks import found_keys, rows_for
 from mailcore.store.schema import fetch_folders, message_pop_sizes, messages
 
 
@@ -136,12 +136,14 @@ def thd_max_uid(conn: Connection, folder_id: int, uidvalidity: int,
 
 def thd_stored_uids(conn: Connection, folder_id: int, uidvalidity: int,
                     among: Sequence[int] | None = None) -> set[int]:
-    """The UIDs we hold of (folder, uidvalidity); only those `among` when given."""
+    """The UIDs we hold of (folder, uidvalidity); only those `among` when given (asked a
+    chunk at a time, mailcore.store.chunks)."""
     query = (select(messages.c.uid).where(messages.c.folder_id == folder_id)
              .where(messages.c.uidvalidity == uidvalidity))
-    if among is not None:
-        query = query.where(messages.c.uid.in_(list(among)))
-    return set(conn.execute(query).scalars())
+    if among is None:
+        return set(conn.execute(query).scalars())
+    return found_keys(conn, query.where(messages.c.uid.in_(bindparam("keys", expanding=True))),
+                      {}, among)
 
 
 def thd_held_uids(conn: Connection, folder_id: int, uidvalidity: int, after: int,
