@@ -781,21 +781,18 @@ class QuotaDestinationTests(DovecotClassMixin, TestCase):
         self.assertLess(job["appended"], 60)
 
 
-class RefusingProxy(protocol.Factory):
-    """A TCP proxy to 127.0.0.1:`port` that answers the EXAMINE of `folder` itself with
-    `answer`, `times` times in all; every other line passes untouched, but for STARTTLS
-    left out of the server's capabilities (the proxy reads the commands in cleartext)."""
+class _Forwarding(portforward.ProxyServer):
+    """A connection to a proxy (its factory has the `port` forwarded to), read once the
+    proxy's own to the server is made by a `clients` factory."""
 
-    def __init__(self, port: int, folder: bytes, answer: bytes, *, times: int) -> None:
-        self.port = port
-        self.folder = folder
-        self.answer = answer
-        self.times = times
+    clients: type[portforward.ProxyClientFactory] = portforward.ProxyClientFactory
 
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:
-        proxy = _Refusing()
-        proxy.factory = self  # type: ignore[assignment]
-        return proxy
+    def connectionMade(self) -> None:
+        mine: Any = self.transport
+        mine.pauseProducing()
+        client = self.clients()
+        client.setServer(self)
+        get_reactor().connectTCP("127.0.0.1", self.factory.port, client)  # type: ignore[attr-defined]
 
 
 class _NoStartTLS(portforward.ProxyClient):
@@ -807,15 +804,9 @@ class _NoStartTLSFactory(portforward.ProxyClientFactory):
     protocol = _NoStartTLS
 
 
-class _Refusing(portforward.ProxyServer):
+class _Refusing(_Forwarding):
+    clients = _NoStartTLSFactory
     pending = b""
-
-    def connectionMade(self) -> None:
-        mine: Any = self.transport
-        mine.pauseProducing()
-        client = _NoStartTLSFactory()
-        client.setServer(self)
-        get_reactor().connectTCP("127.0.0.1", self.factory.port, client)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         owner: RefusingProxy = self.factory  # type: ignore[assignment]
@@ -832,31 +823,22 @@ class _Refusing(portforward.ProxyServer):
             super().dataReceived(line + b"\n")
 
 
-class CuttingProxy(protocol.Factory):
-    """A TCP proxy to 127.0.0.1:`port` that drops a connection (both sides, at once) when
-    the client has sent more than `threshold` bytes on it, `cuts` times in all; sessions
-    that send little (logins, reads) pass untouched."""
+class RefusingProxy(protocol.Factory):
+    """A TCP proxy to 127.0.0.1:`port` that answers the EXAMINE of `folder` itself with
+    `answer`, `times` times in all; every other line passes untouched, but for STARTTLS
+    left out of the server's capabilities (the proxy reads the commands in cleartext)."""
 
-    def __init__(self, port: int, *, threshold: int, cuts: int) -> None:
+    protocol = _Refusing  # type: ignore[assignment]
+
+    def __init__(self, port: int, folder: bytes, answer: bytes, *, times: int) -> None:
         self.port = port
-        self.threshold = threshold
-        self.cuts = cuts
-
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:
-        proxy = _Cutting()
-        proxy.factory = self  # type: ignore[assignment]
-        return proxy
+        self.folder = folder
+        self.answer = answer
+        self.times = times
 
 
-class _Cutting(portforward.ProxyServer):
+class _Cutting(_Forwarding):
     seen = 0
-
-    def connectionMade(self) -> None:
-        mine: Any = self.transport
-        mine.pauseProducing()
-        client = portforward.ProxyClientFactory()
-        client.setServer(self)
-        get_reactor().connectTCP("127.0.0.1", self.factory.port, client)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
         owner: CuttingProxy = self.factory  # type: ignore[assignment]
@@ -873,3 +855,16 @@ class _Cutting(portforward.ProxyServer):
                 peer.transport.abortConnection()
             return
         super().dataReceived(data)
+
+
+class CuttingProxy(protocol.Factory):
+    """A TCP proxy to 127.0.0.1:`port` that drops a connection (both sides, at once) when
+    the client has sent more than `threshold` bytes on it, `cuts` times in all; sessions
+    that send little (logins, reads) pass untouched."""
+
+    protocol = _Cutting  # type: ignore[assignment]
+
+    def __init__(self, port: int, *, threshold: int, cuts: int) -> None:
+        self.port = port
+        self.threshold = threshold
+        self.cuts = cuts
