@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from twisted.internet import defer
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
@@ -12,7 +13,7 @@ from mailcore import maillog
 from mailcore.logwriter import UNIQUE_KEY
 from mailcore.queue.routing import Hop
 from tests.support.queuetest import QueueTestCase
-from tests.test_smtp_server import ServerTestCase
+from tests.test_smtp_server import FixedRoom, ServerTestCase
 
 HOP = Hop("10.0.0.1", 2525)
 
@@ -125,4 +126,33 @@ class ServerEventTests(ServerTestCase):
             "NOQUEUE: refused DATA client=192.0.2.10 from=<x@spam.test> to=<u@example.com>: "
             "554 5.6.0 Error: NUL character in message data; message refused",
         ])
+        self.assertEqual(self.sink.messages, [])
+
+    def test_a_room_check_past_command_timeout_at_data_is_logged(self) -> None:
+        # The room of a nearly full mailbox is asked again at the end of DATA; a store that
+        # does not answer by command_timeout is a 451, and the refusal has its line as the
+        # commit's timeout has.
+        factory = self.make_factory(command_timeout=60)
+        rooms = FixedRoom({"a@example.com": 5000})
+        factory.room = rooms
+        s = self.session(factory)
+        s.hello()
+        self.assertEqual(s.codes(b"MAIL FROM:<x@remote.test>\r\nRCPT TO:<a@example.com>\r\n"
+                                 b"DATA\r\n"), ["250", "250", "354"])
+        stalled: defer.Deferred[int | None] = defer.Deferred()
+
+        async def frozen(address: str) -> int | None:
+            return await stalled
+
+        rooms.room = frozen  # type: ignore[method-assign]
+        with capturedLogs() as events:
+            self.assertEqual(s.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n"), [])
+            self.clock.advance(60)
+        self.assertEqual(s.send(b""), [
+            "451 4.3.0 Error: timeout waiting for the store, try again later"])
+        self.assertEqual(lines(events), [
+            "NOQUEUE: refused DATA client=192.0.2.10 from=<x@remote.test> "
+            "to=<a@example.com>: 451 4.3.0 Error: timeout waiting for the store, try again "
+            "later"])
+        self.assertEqual(s.codes(b"NOOP\r\n"), ["250"])
         self.assertEqual(self.sink.messages, [])

@@ -1213,12 +1213,21 @@ class ESMTPServerProtocol(TwistedProtocol):
         factory's `memory` until then. With `check_room`, first refuse it if it fits in
         none of its recipients' mailboxes."""
         try:
-            if check_room and not await self._fits_somewhere(envelope, len(data)):
-                self._refuse("DATA", 552, "5.2.2", "Error: mailbox full (no room for the "
-                             f"{len(data)} octets of the message); message refused",
-                             recipients=[r.address for r in envelope.recipients],
-                             mail_from=envelope.mail_from)
-                return
+            if check_room:
+                try:
+                    fits = await self._fits_somewhere(envelope, len(data))
+                except defer.CancelledError:  # command_timeout: the store did not answer
+                    self._refuse("DATA", 451, "4.3.0", "Error: timeout waiting for the "
+                                 "store, try again later",
+                                 recipients=[r.address for r in envelope.recipients],
+                                 mail_from=envelope.mail_from)
+                    return
+                if not fits:
+                    self._refuse("DATA", 552, "5.2.2", "Error: mailbox full (no room for "
+                                 f"the {len(data)} octets of the message); message refused",
+                                 recipients=[r.address for r in envelope.recipients],
+                                 mail_from=envelope.mail_from)
+                    return
             await self._commit(queue_id, envelope, data)
         finally:
             self.factory.memory.let_go(self._address, held)
