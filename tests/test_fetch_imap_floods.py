@@ -498,6 +498,20 @@ class FlagsResyncCostTests(TestCase):
         self.assertEqual(await env.copies(account.id, "INBOX"),
                          {uid: ("\\Answered", True) for uid in (2, 4, 6, 8, 10)})
 
+    async def test_the_sizes_of_sparse_uids_are_asked_by_lines_of_bounded_length(self) -> None:
+        """The sizes of new messages were asked _SIZE_CHUNK UIDs a command whatever the line
+        they made: 2,000 UIDs left apart by deletions were a line of ~22 KB, past the ~8 KB
+        RFC 7162 4 asks clients to keep to. Each command's set is now at most _LIST_BYTES."""
+        self.patch(engine, "_LIST_BYTES", 5)
+        factory = self.serve([5])
+        env, account = await cleartext_account(self, self.port)
+        result = await env.engine.sync(account.id)
+        self.assertEqual((result.status, result.new_messages), ("success", 5))
+        asked = [line.split(b" ", 1)[1] for _tls, line in factory.received
+                 if line.endswith(b"(UID RFC822.SIZE)")]
+        self.assertEqual(asked, [b"UID FETCH 2,4,6 (UID RFC822.SIZE)",
+                                 b"UID FETCH 8,10 (UID RFC822.SIZE)"])
+
     async def test_the_uids_held_among_more_than_a_statement_binds_are_found(self) -> None:
         """Which UIDs of a list we hold (the changes an EXAMINE or a UID FETCH told, a
         server's UIDs beyond its UIDNEXT, those skipped) was one IN list of them all:

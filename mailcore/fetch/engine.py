@@ -108,8 +108,9 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 _SIZE_CHUNK = 2000
 # The UIDs held of a folder read at once when their flags are asked by lists.
 _HELD_PAGE = 50_000
-# The longest list of UIDs (as a set: "1:3,7") one UID FETCH of their flags sends: RFC 7162
-# 4 asks clients to keep command lines within about 8,192 bytes (2,000 sparse UIDs were 22 KB).
+# The longest list of UIDs (as a set: "1:3,7") one UID FETCH of their flags or sizes sends:
+# RFC 7162 4 asks clients to keep command lines within about 8,192 bytes (2,000 sparse UIDs
+# were 22 KB).
 _LIST_BYTES = 8000
 _BODY_ITEMS = b"UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]"
 # A fetched batch of at least this many messages is parsed in a CPU worker process.
@@ -921,8 +922,11 @@ class SyncEngine:
                                        max_uid, rescan, now, retry, uidnext=info.uidnext)
         skipped: dict[int, str] = {}  # by UID
         sizes: dict[int, int] = {}
-        asked = [session.uid_fetch(uids[i : i + _SIZE_CHUNK], b"UID RFC822.SIZE")
-                 for i in range(0, len(uids), _SIZE_CHUNK)]  # pipelined
+        # Pipelined, _SIZE_CHUNK UIDs a command, each cut to lines of at most _LIST_BYTES
+        # (2,000 sparse UIDs, left after deletions, made a line of ~22 KB).
+        asked = [session.uid_fetch(line, b"UID RFC822.SIZE")
+                 for i in range(0, len(uids), _SIZE_CHUNK)
+                 for line in _by_line(sorted(uids[i : i + _SIZE_CHUNK]), _LIST_BYTES)]
         try:
             for answer in asked:
                 for item in await answer:
