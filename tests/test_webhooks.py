@@ -241,6 +241,14 @@ class SenderTestCase(TestCase):
         await s.sender.stopService()
         self.assertEqual(s.web.clock.getDelayedCalls(), [])
 
+    async def tell(self, s: Setup, *results: SyncResult) -> None:
+        """Call the engine's listeners with each sync's outcome, as the engine does (each
+        returns at once, nothing to wait for), then let the events settle."""
+        for result in results:
+            for listener in s.web.core.fetch.engine.listeners:
+                self.assertIsNone(listener(result))
+        await s.webhooks.settle()
+
 
 class EnqueueTests(SenderTestCase):
     async def test_a_sync_queues_each_subscribed_event_in_batches_of_100(self) -> None:
@@ -261,9 +269,7 @@ class EnqueueTests(SenderTestCase):
         self.assertEqual(len(threads), 50)
         self.assertEqual(result.thread_ids, threads)
 
-        for listener in s.web.core.fetch.engine.listeners:
-            self.assertIsNone(listener(result))
-        await s.webhooks.settle()
+        await self.tell(s, result)
 
         log = await s.log(everything.id)
         self.assertEqual(sorted(d.event for d in log),
@@ -330,10 +336,7 @@ class EnqueueTests(SenderTestCase):
         imap = await s.synced([[mail(1)]])
         popped = await s.synced([[mail(2, reply_to=1), mail(3)]], protocol="pop")
         self.assertEqual(len(popped.new_message_ids), 2)
-        for result in (imap, popped):
-            for listener in s.web.core.fetch.engine.listeners:
-                self.assertIsNone(listener(result))
-        await s.webhooks.settle()
+        await self.tell(s, imap, popped)
         told = await s.told()
         self.assertEqual(sorted(event for event, _ in told),
                          ["email.new", "sync.completed", "thread.updated"])
@@ -361,9 +364,7 @@ class EnqueueTests(SenderTestCase):
 
         self.patch(Prepared, "rows", rows)
         result = await s.synced([[mail(1), mail(2, reply_to=1)]])
-        for listener in s.web.core.fetch.engine.listeners:
-            self.assertIsNone(listener(result))
-        await s.webhooks.settle()
+        await self.tell(s, result)
         told = await s.told()
         self.assertEqual(sorted(event for event, _ in told),
                          ["email.new", "sync.completed", "thread.updated"])
@@ -380,9 +381,7 @@ class EnqueueTests(SenderTestCase):
         result = await s.synced([[mail(1)]])
         await s.web.core.fetch.accounts.update(uid, result.account_id, protocol="pop",
                                                host="pop.example.test", password="p")
-        for listener in s.web.core.fetch.engine.listeners:
-            self.assertIsNone(listener(result))
-        await s.webhooks.settle()
+        await self.tell(s, result)
         self.assertEqual(await s.told(), [])
 
     async def test_no_webhook_means_no_rows_and_a_failed_sync_is_reported(self) -> None:
@@ -716,9 +715,7 @@ class DeliveryTests(SenderTestCase):
         await s.webhooks.create(s.alice.user.id, url=HOOK, events=["sync.completed",
                                                                     "email.new"])
         result = await s.synced([[mail(1)]])
-        for listener in s.web.core.fetch.engine.listeners:
-            self.assertIsNone(listener(result))  # returns at once, nothing to wait for
-        await s.webhooks.settle()
+        await self.tell(s, result)
         s.web.clock.advance(0)
         self.assertEqual(len(s.receiver.received), 2)  # sync.completed and email.new
         self.assertEqual(len(s.receiver.hanging), 2)  # still unanswered
