@@ -44,6 +44,24 @@ from tests.test_fetch_imap_hostile import (
 )
 from tests.test_fetch_imap_hostile import connected_client as connected
 
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def searching(uids: bytes) -> Any:
+    """A fake server's UID SEARCH hook answering `uids` (b"1 3")."""
+    def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
+        conn.transport.write(b"* SEARCH " + uids + b"\r\n" + tag + b" OK searched\r\n")
+        return True
+    return search
+
+
+def message_reply(uid: int, rest: bytes) -> bytes:
+    """A fake server's FETCH reply for `uid` to a sync's body fetch, else its size fetch."""
+    if b"BODY" in rest:
+        return b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n" % (
+            uid, uid, len(BODY), BODY)
+    return b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(BODY))
+
 
 class UntaggedFloodTests(TestCase):
     def test_each_line_kept_counts_beyond_its_bytes(self) -> None:
@@ -446,19 +464,10 @@ class FlagsResyncCostTests(TestCase):
                                  % modseq[0] + tag + b" OK done\r\n")
             return True
 
-        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            conn.transport.write(b"* SEARCH 2 4 6 8 10\r\n" + tag + b" OK searched\r\n")
-            return True
-
         def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            body = b"Subject: hi\r\n\r\nhello\r\n"
             for uid in expand_set(rest.split(b" ")[2], 20):
-                if b"BODY" in rest:
-                    conn.transport.write(b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
-                                         % (uid, uid, len(body), body))
-                elif b"RFC822.SIZE" in rest:
-                    conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n"
-                                         % (uid, uid, len(body)))
+                if b"BODY" in rest or b"RFC822.SIZE" in rest:
+                    conn.transport.write(message_reply(uid, rest))
                 else:
                     conn.transport.write(b"* %d FETCH (UID %d FLAGS (\\Answered))\r\n"
                                          % (uid, uid) * told)
@@ -469,7 +478,8 @@ class FlagsResyncCostTests(TestCase):
 
         (factory, self.port), = cleartext_servers(self, 1)
         factory.caps += b" CONDSTORE"
-        factory.hooks.update({"EXAMINE": examine, "UID SEARCH": search, "UID FETCH": fetch})
+        factory.hooks.update({"EXAMINE": examine, "UID SEARCH": searching(b"2 4 6 8 10"),
+                              "UID FETCH": fetch})
         return factory
 
     async def test_the_changes_are_asked_by_one_command(self) -> None:
@@ -603,22 +613,13 @@ class ChangedFlagsSyncTests(TestCase):
             conn.transport.write(b"* ENABLED QRESYNC\r\n" + tag + b" OK enabled\r\n")
             return True
 
-        def search(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            conn.transport.write(b"* SEARCH 1 3\r\n" + tag + b" OK searched\r\n")
-            return True
-
         def fetch(conn: FakeIMAP, tag: bytes, rest: bytes) -> bool:
-            body = b"Subject: hi\r\n\r\nhello\r\n"
             for uid in expand_set(rest.split(b" ")[2], 10):
                 if b"CHANGEDSINCE" in rest:
                     conn.transport.write(b"* %d FETCH (UID %d FLAGS (\\Answered))\r\n"
                                          % (uid, uid))
-                elif b"BODY" in rest:
-                    conn.transport.write(b"* %d FETCH (UID %d FLAGS () BODY[] {%d}\r\n%s)\r\n"
-                                         % (uid, uid, len(body), body))
                 else:
-                    conn.transport.write(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n"
-                                         % (uid, uid, len(body)))
+                    conn.transport.write(message_reply(uid, rest))
             conn.transport.write(tag + b" OK fetched\r\n")
             return True
 
@@ -630,8 +631,8 @@ class ChangedFlagsSyncTests(TestCase):
         self.patch(engine, "thd_update_flags", counting)
         (factory, port), = cleartext_servers(self, 1)
         factory.caps += b" CONDSTORE ENABLE QRESYNC"
-        factory.hooks.update({"EXAMINE": examine, "ENABLE": enable, "UID SEARCH": search,
-                              "UID FETCH": fetch})
+        factory.hooks.update({"EXAMINE": examine, "ENABLE": enable,
+                              "UID SEARCH": searching(b"1 3"), "UID FETCH": fetch})
         env, account = await cleartext_account(self, port)
         result = await env.engine.sync(account.id)
         self.assertEqual((result.status, result.new_messages), ("success", 2))
