@@ -365,6 +365,8 @@ class Core:
             MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval),
             GoneSweeper(self.mail), OldJobsSweeper(self.jobs, self.clock)))
         if self.recipient_verifier is not None:
+            # (the verifier itself for its idle probe connections, closed at stop)
+            services.append(self.recipient_verifier)
             services.append(self._leased(VerdictSweeper(self.recipient_verifier)))
         if self.shared_store:
             services.append(self.node_registry)

@@ -15,8 +15,10 @@ from twisted.test import iosim
 from twisted.trial.unittest import TestCase
 
 from mailcore.config import Config, ConfigError
+from mailcore.gateway import callout
 from mailcore.gateway.callout import (
     DELIVERABLE,
+    PROBE_IDLE,
     UNDELIVERABLE,
     UNKNOWN,
     RecipientVerifier,
@@ -111,6 +113,7 @@ class CalloutTestCase(TestCase):
         self.registry = CollectorRegistry()
         self.sink = RecordingSink()
         self.sessions: list[Session] = []
+        self.verifiers: list[RecipientVerifier] = []
         self.addCleanup(self.no_timers_left)
 
     @staticmethod
@@ -134,12 +137,20 @@ class CalloutTestCase(TestCase):
         self.registry = CollectorRegistry()
         self.verifier = RecipientVerifier(smtp, self.db, self.clock, self.domains, router,
                                           self.connector, registry=self.registry)
+        self.verifiers.append(self.verifier)
         return SMTPServerFactory(smtp, self.domains, self.sink, self.clock,
                                  verifier=self.verifier)
 
     def no_timers_left(self) -> None:
+        """At the end, as at the daemon's stop: the sessions closed and the verifier stopped
+        (its idle probe connections QUIT), nothing is left open or pending."""
         for s in self.sessions:
             s.close()
+        for verifier in self.verifiers:
+            stopped = verifier.stopService()
+            self.connector.flush()
+            self.successResultOf(stopped)
+            self.assertEqual(verifier._hops, {})
         self.connector.flush()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -175,8 +186,11 @@ class VerificationTests(CalloutTestCase):
         self.assertEqual(self.rcpt(s, "user@example.com"), ["250 2.1.5 Ok"])
         self.assertEqual(self.state.commands, [
             b"EHLO mx.gateway.test", b"MAIL FROM:<>", b"RCPT TO:<user@example.com>",
-            b"RSET", b"QUIT"])
+            b"RSET"])
         self.assertEqual([h.label for h in self.connector.connects], ["mx.example.net:25"])
+        self.clock.advance(PROBE_IDLE)  # kept for the next probe that long, then closed
+        self.connector.flush()
+        self.assertEqual(self.state.commands[-1], b"QUIT")
         self.assertEqual(self.state.messages, [])
         self.assertEqual(self.metric("probes", DELIVERABLE), 1)
         self.assertEqual(self.stored(), [("user@example.com", True, NOW + 604_800)])
@@ -241,6 +255,8 @@ class VerificationTests(CalloutTestCase):
     def test_no_answer_accepts_by_default(self) -> None:
         s = self.session(self.make_factory())
         self.assertEqual(self.rcpt(s, "later@example.com"), ["250 2.1.5 Ok"])  # a 4xx
+        self.clock.advance(PROBE_IDLE)  # (its connection closed)
+        self.connector.flush()
         self.connector.down = True
         self.assertEqual(self.rcpt(s, "user@example.com"), ["250 2.1.5 Ok"])
         self.assertEqual(self.metric("probes", UNKNOWN), 2)
@@ -251,6 +267,8 @@ class VerificationTests(CalloutTestCase):
         self.assertEqual(self.rcpt(s, "later@example.com"), [
             "450 4.1.1 <later@example.com>: Recipient address rejected: unverified address "
             "(451 4.3.0 try again later)"])
+        self.clock.advance(PROBE_IDLE)  # (its connection closed)
+        self.connector.flush()
         self.connector.down = True
         [reply] = self.rcpt(s, "user@example.com")
         self.assertTrue(reply.startswith("450 4.1.1 <user@example.com>: Recipient address "
@@ -285,7 +303,8 @@ class VerificationTests(CalloutTestCase):
                                            "<nobody@example.com>: no such user here)"),
                         refused)
         self.assertEqual(self.rcpt(other, "user@EXAMPLE.COM"), ["250 2.1.5 Ok"])
-        self.assertEqual(len(self.connector.connects), 2)
+        self.assertEqual(len(self.connector.connects), 1)  # the two probes, one connection
+        self.assertEqual(self.state.commands.count(b"MAIL FROM:<>"), 2)
         self.assertEqual(self.metric("cache_hits", UNDELIVERABLE), 1)
         self.assertEqual(self.metric("cache_hits", DELIVERABLE), 1)
 
@@ -351,7 +370,8 @@ class VerificationTests(CalloutTestCase):
         s = self.session(factory)
         self.rcpt(s, "nobody@example.com")
         self.rcpt(s, "user@example.com")
-        self.assertEqual(len(self.connector.connects), 3)
+        self.assertEqual(len(self.connector.connects), 2)  # (a connection per burst)
+        self.assertEqual(self.state.commands.count(b"MAIL FROM:<>"), 3)
         # The sweep deletes what expired, and only that.
         self.clock.advance(3600)
         self.assertEqual(self.successResultOf(self.verifier.sweep()), 1)
@@ -391,14 +411,18 @@ class VerificationTests(CalloutTestCase):
         self.assertEqual([s.replies() for s in sessions], [["250 2.1.5 Ok"]] * 3)
         self.assertEqual(self.verifier._hops, {})  # nothing held for the hop
 
-    def test_a_probes_quit_holds_its_slot_of_the_next_hop(self) -> None:
+    def test_a_probe_connections_quit_holds_its_slot_of_the_next_hop(self) -> None:
         """The answer is given at once, but the slot is freed only once the connection
-        closes: released at the answer, a next hop that does not answer QUIT had
-        QUIT_TIMEOUT (10 s) of closing connections pile up past verify_hop_concurrency."""
+        closes, idle and during its QUIT: released at the answer, a next hop that does not
+        answer QUIT had QUIT_TIMEOUT (10 s) of closing connections pile up past
+        verify_hop_concurrency."""
         factory = self.make_factory(verify_hop_concurrency=1, verify_timeout=15.0)
         self.state.answer_quit = False
         first, second = self.session(factory), self.session(factory, "192.0.2.11")
         self.assertEqual(self.rcpt(first, "user0@example.com"), ["250 2.1.5 Ok"])
+        self.clock.advance(PROBE_IDLE)  # idle that long: it says QUIT, not answered
+        self.connector.flush()
+        self.assertEqual(self.state.commands[-1], b"QUIT")
         self.assertEqual(self.rcpt(second, "user1@example.com"), [])  # waits for the slot
         self.assertEqual(len(self.connector.connects), 1)
         self.clock.advance(10)  # QUIT_TIMEOUT: the first connection is closed
@@ -406,7 +430,9 @@ class VerificationTests(CalloutTestCase):
         self.assertEqual(second.replies(), ["250 2.1.5 Ok"])
         self.assertEqual(len(self.connector.connects), 2)
         self.assertEqual(self.metric("probes", DELIVERABLE), 2)
-        self.clock.advance(10)
+        for wait in (PROBE_IDLE, 10):  # idle, then not answered QUIT: closed
+            self.clock.advance(wait)
+            self.connector.flush()
         self.assertEqual(self.verifier._hops, {})
 
     def test_one_client_has_at_most_two_probes_under_way(self) -> None:
@@ -459,6 +485,120 @@ class VerificationTests(CalloutTestCase):
         s = self.session(factory)
         self.assertEqual(self.rcpt(s, "nobody@example.com"), ["250 2.1.5 Ok"])
         self.assertEqual(self.connector.connects, [])
+
+
+class ConnectionReuseTests(CalloutTestCase):
+    """A probe connection is kept PROBE_IDLE seconds for the next probe to its next hop, as
+    Postfix's verify probes reuse its smtp client's cached connections: a connection per
+    probe had a burst of new addresses (a dictionary attack) cost the customer's server a
+    connection each."""
+
+    def ehlos(self) -> int:
+        return self.state.commands.count(b"EHLO mx.gateway.test")
+
+    def test_probes_to_one_next_hop_in_a_row_share_one_connection(self) -> None:
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "user0@example.com"), ["250 2.1.5 Ok"])
+        self.clock.advance(PROBE_IDLE - 0.1)
+        self.assertEqual(self.rcpt(s, "nobody@example.com")[0][:3], "550")
+        self.assertEqual(self.rcpt(self.session(self.make_factory()), "user1@example.com"),
+                         ["250 2.1.5 Ok"])  # (another verifier: connections of its own)
+        self.assertEqual(self.rcpt(s, "user2@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.state.commands[:10], [
+            b"EHLO mx.gateway.test", b"MAIL FROM:<>", b"RCPT TO:<user0@example.com>",
+            b"RSET", b"MAIL FROM:<>", b"RCPT TO:<nobody@example.com>", b"RSET",
+            b"EHLO mx.gateway.test", b"MAIL FROM:<>", b"RCPT TO:<user1@example.com>"])
+        self.assertEqual(self.state.commands[11:], [
+            b"MAIL FROM:<>", b"RCPT TO:<user2@example.com>", b"RSET"])
+        self.assertEqual((len(self.connector.connects), self.ehlos()), (2, 2))
+        # Idle for PROBE_IDLE, each connection says QUIT and frees its slot.
+        self.clock.advance(PROBE_IDLE)
+        self.connector.flush()
+        self.assertEqual(self.state.commands.count(b"QUIT"), 2)
+        self.assertEqual([v._hops for v in self.verifiers], [{}, {}])
+
+    def test_a_probe_waiting_for_the_next_hop_takes_the_connection_given_back(self) -> None:
+        factory = self.make_factory(verify_hop_concurrency=1)
+        first, second = self.session(factory), self.session(factory, "192.0.2.11")
+        self.assertEqual(first.send(b"RCPT TO:<user0@example.com>\r\n"), [])
+        self.assertEqual(second.send(b"RCPT TO:<user1@example.com>\r\n"), [])  # waits
+        self.connector.flush()
+        self.assertEqual([first.replies(), second.replies()], [["250 2.1.5 Ok"]] * 2)
+        self.assertEqual((len(self.connector.connects), self.ehlos()), (1, 1))
+        self.assertNotIn(b"QUIT", self.state.commands)
+
+    def test_a_connection_carries_a_bounded_number_of_probes(self) -> None:
+        """PROBES_PER_CONNECTION (their RSETs are junk commands to the hop), and at most
+        REFUSALS_PER_CONNECTION refused RCPTs (errors to the hop, which slows down or cuts
+        off a client making too many)."""
+        self.patch(callout, "PROBES_PER_CONNECTION", 3)
+        self.patch(callout, "REFUSALS_PER_CONNECTION", 2)
+        s = self.session(self.make_factory())
+        for local in ("user0", "user1", "user2", "user3"):
+            self.assertEqual(self.rcpt(s, f"{local}@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.ehlos(), 2)
+        self.assertEqual(self.state.commands.count(b"QUIT"), 1)  # after the third
+        for local in ("nobody", "Nobody", "NOBODY"):
+            self.assertEqual(self.rcpt(s, f"{local}@example.com")[0][:3], "550")
+        # The fourth probe's connection took two refusals; the third one opened.
+        self.assertEqual((self.ehlos(), self.state.commands.count(b"QUIT")), (3, 2))
+        self.assertEqual(self.metric("probes", UNDELIVERABLE), 3)
+
+    def test_a_connection_the_next_hop_closes_while_idle_is_not_used(self) -> None:
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "user0@example.com"), ["250 2.1.5 Ok"])
+        # The hop gives up on it (a 421 of its own idle timeout): dropped at once.
+        self.connector.pumps[0].serverIO.write(b"421 4.4.2 sink.test Error: timeout\r\n")
+        self.connector.flush()
+        self.assertEqual(self.rcpt(s, "user1@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual((len(self.connector.connects), self.ehlos()), (2, 2))
+        self.assertEqual(self.state.commands[-3:], [
+            b"MAIL FROM:<>", b"RCPT TO:<user1@example.com>", b"RSET"])
+        self.assertEqual(self.metric("probes", DELIVERABLE), 2)
+
+    def test_a_reused_connection_that_fails_is_no_verdict_a_new_one_is_asked(self) -> None:
+        """A hop that has had enough of our connection (its error or junk command limit:
+        421, or it hangs up) tells nothing of the recipient: the probe is made again on
+        a new connection, as it was before connections were reused. A 421 on a new
+        connection is no answer, and no RSET follows it."""
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "user0@example.com"), ["250 2.1.5 Ok"])
+        closing = iter([b"421 4.7.0 sink.test Error: too many errors"])
+        self.state.rcpt_reply = lambda address: next(closing, None)
+        self.assertEqual(self.rcpt(s, "user1@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual(self.state.commands[4:], [
+            b"MAIL FROM:<>", b"RCPT TO:<user1@example.com>",  # 421: dropped
+            b"EHLO mx.gateway.test", b"MAIL FROM:<>", b"RCPT TO:<user1@example.com>",
+            b"RSET"])
+        self.assertEqual(self.stored(), [("user0@example.com", True, NOW + 604_800),
+                                         ("user1@example.com", True, NOW + 604_800)])
+        self.state.rcpt_reply = lambda address: b"421 4.3.2 sink.test going down"
+        self.assertEqual(self.rcpt(s, "user2@example.com"), ["250 2.1.5 Ok"])  # UNKNOWN
+        self.assertEqual(self.state.commands[10:], [
+            b"MAIL FROM:<>", b"RCPT TO:<user2@example.com>",
+            b"EHLO mx.gateway.test", b"MAIL FROM:<>", b"RCPT TO:<user2@example.com>",
+            b"QUIT"])
+        self.assertEqual(self.metric("probes", UNKNOWN), 1)
+        self.assertEqual((len(self.connector.connects), self.verifier._hops), (3, {}))
+
+    def test_the_probe_connections_close_when_the_daemon_stops(self) -> None:
+        factory = self.make_factory()
+        s, other = self.session(factory), self.session(factory, "192.0.2.11")
+        self.assertEqual(s.send(b"RCPT TO:<user0@example.com>\r\n"), [])
+        self.assertEqual(other.send(b"RCPT TO:<user1@example.com>\r\n"), [])
+        self.connector.flush()  # two connections, idle
+        self.assertEqual([s.replies(), other.replies()], [["250 2.1.5 Ok"]] * 2)
+        self.assertEqual(s.send(b"RCPT TO:<user2@example.com>\r\n"), [])  # on one of them
+        stopped = self.verifier.stopService()
+        self.assertNoResult(stopped)  # the idle one says QUIT now...
+        self.connector.flush()
+        self.successResultOf(stopped)
+        # ... and the probe under way has its answer, then its connection says QUIT.
+        self.assertEqual(s.replies(), ["250 2.1.5 Ok"])
+        self.assertEqual((self.ehlos(), self.state.commands.count(b"QUIT")), (2, 2))
+        self.assertEqual(self.state.commands[-3:], [b"RCPT TO:<user2@example.com>", b"RSET",
+                                                    b"QUIT"])
+        self.assertEqual(self.verifier._hops, {})  # (no timer left: see no_timers_left)
 
 
 class SettingsTests(TestCase):

@@ -185,6 +185,8 @@ class CoreWiringTests(TestCase):
         self.assertIs(verifier.router, core.queue.runner.router)  # delivery's own routes
         self.assertIs(verifier.connector, core.queue.runner.connector)
         self.assertIs(verifier.domains, core.domains)
+        # A service of the daemon: its idle probe connections are closed when it stops.
+        self.assertIn(verifier, core.background_services())
         [sweeper] = [s for s in core.background_services() if isinstance(s, VerdictSweeper)]
         self.assertIs(sweeper.verifier, verifier)
         self.assertIsNotNone(sweeper.leases)  # one node sweeps per period

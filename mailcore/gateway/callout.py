@@ -7,8 +7,16 @@ verify_recipients` on, the SMTP server asks the domain's next hop at RCPT whethe
 the address, as Postfix's `reject_unverified_recipient` does (ADDRESS_VERIFICATION_README):
 a session opened as the queue opens its own (`mailcore.queue.runner.open_host`: the
 domain's route from the queue's Router, its TLS policy, the next-hop address policy), then
-MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
-(`SMTPSession.probe`).
+MAIL FROM:<>, RCPT TO:<address> and RSET; no DATA is ever sent (`SMTPSession.probe`). The
+connection is then kept for PROBE_IDLE (5) seconds and the next probe to the same next hop
+(the same route and TLS policy) made on it, as Postfix's verify probes go through its smtp
+client's connection cache: a burst of new addresses (a dictionary attack) costs the
+customer's server a MAIL, RCPT and RSET each over a few connections, not a connection
+each. A connection QUITs once idle that long, after a 421 or an RSET not answered 250,
+after PROBES_PER_CONNECTION (50) probes or REFUSALS_PER_CONNECTION (5) refused RCPTs (the
+hop's limits on junk commands and errors), and when the daemon stops; one the hop closed
+while idle is dropped, and a probe whose reused connection fails before the RCPT's answer
+is made again on a new connection.
 
 - A 2xx is `DELIVERABLE`; a 550, 551 or 553 whose enhanced status code, if any, is about
   the recipient (5.1.x but the sender's 5.1.7 and 5.1.8, or 5.2.1: `refuses_recipient`) is
@@ -31,9 +39,11 @@ MAIL FROM:<>, RCPT TO:<address>, RSET and QUIT; no DATA is ever sent
 - RCPTs for one address while its probe runs wait for that probe (one per node); at most
   `verify_hop_concurrency` probe connections of one node are open to one next hop at once
   (a bound per node, not shared through the store), each holding its slot until it is
-  closed, its QUIT included; one SMTP client (its address, an IPv6 client's /64) has at
-  most MAX_CLIENT_PROBES (2) probes of its own under way, a RCPT past them being UNKNOWN
-  without a probe (a RCPT for an address being probed joins that probe).
+  closed (while idle and during its QUIT too); one SMTP client (its address, an IPv6
+  client's /64) has at most MAX_CLIENT_PROBES (2) probes of its own under way, a RCPT past
+  them being UNKNOWN without a probe (a RCPT for an address being probed joins that
+  probe). One session's pipelined RCPTs are probed one after another, as the SMTP server
+  handles its commands one at a time.
 
 Metrics: `mailcore_smtp_verify_probes_total{result}` and
 `mailcore_smtp_verify_cache_hits_total{result}`.
@@ -42,20 +52,22 @@ Metrics: `mailcore_smtp_verify_probes_total{result}` and
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
+from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.queue.routing import LOCAL, Hop
 from mailcore.queue.runner import Connector, open_host
-from mailcore.smtp.client import Reply, SMTPSession
+from mailcore.smtp.client import Reply, SMTPClientError, SMTPSession
 from mailcore.smtp.settings import SMTPSettings
 from mailcore.store import Database
 from mailcore.store.verdicts import thd_read_verdict, thd_sweep_verdicts, thd_write_verdict
@@ -77,6 +89,17 @@ MAX_REPLY = 120
 # once: past them its RCPT needing a probe is UNKNOWN at once (BUSY), so that one client's
 # 20 sessions cannot hold every slot of a next hop, nor have it flooded from every node.
 MAX_CLIENT_PROBES = 2
+# A probe connection is kept open after its probe for the next probe to the same next hop
+# (within verify_hop_concurrency, as the open connection it is) for PROBE_IDLE seconds, and
+# carries at most PROBES_PER_CONNECTION probes: their RSETs count towards the hop's limit
+# on commands that change nothing (Postfix's smtpd_junk_command_limit, our own
+# max_junk_commands: 100 each, past which the client is in error or cut off). At most
+# REFUSALS_PER_CONNECTION of its RCPTs may have been refused (4xx, 5xx): each is an error
+# of ours to the hop (Postfix slows its replies after smtpd_soft_error_limit, 10, and ends
+# the session at smtpd_hard_error_limit, 20; our own max_errors is 20).
+PROBE_IDLE = 5.0
+PROBES_PER_CONNECTION = 50
+REFUSALS_PER_CONNECTION = 5
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 # The RCPT replies that may refuse the recipient itself (RFC 5321 4.2.2), and the enhanced
 # status codes (RFC 3463) that say it is the recipient's fault: any of 5.1.x, the
@@ -137,8 +160,43 @@ def verify_metrics(registry: CollectorRegistry | None) -> tuple[Counter, Counter
     return probes, hits
 
 
-class RecipientVerifier:
-    """Asks served domains' next hops about their recipients (see the module docstring)."""
+class _Stale(Exception):
+    """A reused probe connection failed before its RCPT was answered: the probe is made
+    again on a new one."""
+
+
+@dataclass(eq=False)
+class _Connection:
+    """A probe connection: its session, the probes it made and how many were refused, and
+    its timer while it is idle."""
+
+    session: SMTPSession
+    probes: int = 0
+    refusals: int = 0
+    timer: IDelayedCall | None = None
+
+    def stop_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
+@dataclass(eq=False)
+class _HopConnections:
+    """A node's probe connections to one next hop: `open` of them, at most `limit`
+    (verify_hop_concurrency), each opening, probing, idle (`idle`, the last used at the
+    end) or saying QUIT; the probes waiting for one (`waiting`: a connection given back,
+    or None for the slot of one that closed)."""
+
+    limit: int
+    open: int = 0
+    idle: list[_Connection] = field(default_factory=list)
+    waiting: deque[defer.Deferred[_Connection | None]] = field(default_factory=deque)
+
+
+class RecipientVerifier(Service):
+    """Asks served domains' next hops about their recipients (see the module docstring);
+    as a service of the daemon, it closes its idle probe connections when stopped."""
 
     def __init__(self, settings: SMTPSettings, db: Database, clock: IReactorTime,
                  domains: VerifiableDomains, router: HopRouter, connector: Connector, *,
@@ -152,8 +210,11 @@ class RecipientVerifier:
         self.probes, self.hits = verify_metrics(registry)
         # verdict_key(address) -> the RCPTs waiting for its verification now.
         self._waiting: dict[str, list[defer.Deferred[Verdict]]] = {}
-        # Next hop -> its bound on concurrent probes.
-        self._hops: dict[Hop, defer.DeferredSemaphore] = {}
+        # Next hop -> its probe connections (none open: not listed).
+        self._hops: dict[Hop, _HopConnections] = {}
+        # The QUITs under way, and whether the daemon stops (no connection is kept then).
+        self._closing: set[defer.Deferred[None]] = set()
+        self._stopping = False
         # Client address key -> its probes under way (none: not listed).
         self._clients: dict[str, int] = {}
 
@@ -253,50 +314,125 @@ class RecipientVerifier:
                 del self._clients[client]
 
     async def _probe(self, hop: Hop, address: str) -> Verdict:
-        """One probe of the domain's next hop, within its concurrency bound, which its QUIT
-        holds too: the answer is given at once, the slot freed once the connection is
-        closed (the next hop answered QUIT, or QUIT_TIMEOUT passed), so that no more than
-        verify_hop_concurrency connections of ours are ever open to it."""
-        bound = self._hops.get(hop)
-        if bound is None:
-            bound = self._hops[hop] = defer.DeferredSemaphore(
-                self.settings.verify_hop_concurrency)
-        await bound.acquire()
-        quitting: defer.Deferred[None] | None = None
-        try:
-            verdict, quitting = await self._ask(hop, address)
-            return verdict
-        finally:
-            if quitting is None:
-                self._release(hop, bound)
-            else:
-                quitting.addBoth(lambda _: self._release(hop, bound))
+        """One probe of the domain's next hop, on a connection of its pool (see
+        `_HopConnections`): an idle one when there is one, else a new one within the
+        hop's bound. A reused connection that fails before the RCPT's answer (the hop
+        closed it meanwhile, or answers 421 once it has had enough of us) costs no
+        verdict: the probe is made again on a new connection, as it was before reuse."""
+        pool = self._hops.get(hop)
+        if pool is None:
+            pool = self._hops[hop] = _HopConnections(self.settings.verify_hop_concurrency)
+        connection = await self._take(pool)
+        if connection is not None:
+            try:
+                return await self._ask(hop, pool, connection, address)
+            except _Stale:
+                pass  # its slot is ours still, for a new connection
+        return await self._ask(hop, pool, None, address)
 
-    def _release(self, hop: Hop, bound: defer.DeferredSemaphore) -> None:
-        bound.release()
-        if not bound.waiting and bound.tokens == bound.limit:
-            self._hops.pop(hop, None)
+    async def _take(self, pool: _HopConnections) -> _Connection | None:
+        """An idle connection of `pool` (the last one used), or None once a slot for a new
+        one is ours (free, a dead idle connection's, or handed over by one that closed)."""
+        if pool.idle:
+            connection = pool.idle.pop()
+            connection.stop_timer()
+            if connection.session.usable:
+                return connection
+            return None  # closed or dropped while idle (a 421, the hop hung up): its slot
+        if pool.open < pool.limit:
+            pool.open += 1
+            return None
+        waiter: defer.Deferred[_Connection | None] = defer.Deferred(pool.waiting.remove)
+        pool.waiting.append(waiter)
+        return await waiter
 
-    async def _ask(self, hop: Hop, address: str) -> tuple[Verdict, defer.Deferred[None]]:
-        """The next hop's answer about `address`, and its QUIT under way."""
-        session: SMTPSession | None = None
+    async def _ask(self, hop: Hop, pool: _HopConnections, connection: _Connection | None,
+                   address: str) -> Verdict:
+        """The next hop's answer about `address`, on `connection` (None: a new one); the
+        connection is then given back to the pool or closed. _Stale when a reused
+        connection fails before the answer (its slot still held)."""
+        reused = connection is not None
         try:
-            session = await open_host(self.connector, hop)
-            reply = await session.probe(address)
-        except BaseException:
-            if session is not None:
-                session.abort()
+            if connection is None:
+                connection = _Connection(await open_host(self.connector, hop))
+            reply = await connection.session.probe(address)
+        except BaseException as e:
+            if connection is not None:
+                connection.session.abort()
+            if reused and isinstance(e, SMTPClientError):
+                raise _Stale() from e
+            self._free(hop, pool)
             raise
-        # The answer is in: the QUIT (awaited up to QUIT_TIMEOUT) is not counted in
-        # verify_timeout, nor the RCPT held for it, but it holds the hop's slot.
-        quitting = defer.Deferred.fromCoroutine(session.quit())
-        quitting.addErrback(lambda f: log.failure("QUIT after a recipient probe failed", f))
+        if reply.code == 421 and reused:
+            connection.session.abort()
+            raise _Stale()
+        connection.probes += 1
+        if not reply.ok:
+            connection.refusals += 1
+        # The answer is in: what the connection does next (idle, or QUIT, awaited up to
+        # QUIT_TIMEOUT) is not counted in verify_timeout, but it holds the hop's slot.
+        self._give_back(hop, pool, connection, reusable=reply.code != 421)
         text = quoted(str(reply))
         if reply.ok:
-            return Verdict(DELIVERABLE, text), quitting
+            return Verdict(DELIVERABLE, text)
         if refuses_recipient(reply):
-            return Verdict(UNDELIVERABLE, text), quitting
-        return Verdict(UNKNOWN, text), quitting
+            return Verdict(UNDELIVERABLE, text)
+        return Verdict(UNKNOWN, text)
+
+    def _give_back(self, hop: Hop, pool: _HopConnections, connection: _Connection, *,
+                   reusable: bool) -> None:
+        """After a probe: the connection to the next probe waiting for the hop, else idle
+        for PROBE_IDLE seconds; closed (QUIT) instead when it cannot take another (its
+        RSET was not answered 250, a 421, PROBES_PER_CONNECTION or REFUSALS_PER_CONNECTION
+        reached) or the verifier is stopping."""
+        session = connection.session
+        if (not reusable or self._stopping or not session.usable or session.in_transaction
+                or connection.probes >= PROBES_PER_CONNECTION
+                or connection.refusals >= REFUSALS_PER_CONNECTION):
+            self._quit(hop, pool, connection)
+            return
+        if pool.waiting:
+            pool.waiting.popleft().callback(connection)
+            return
+        connection.timer = self.clock.callLater(PROBE_IDLE, self._expire, hop, pool,
+                                                connection)
+        pool.idle.append(connection)
+
+    def _expire(self, hop: Hop, pool: _HopConnections, connection: _Connection) -> None:
+        connection.timer = None
+        pool.idle.remove(connection)
+        self._quit(hop, pool, connection)
+
+    def _quit(self, hop: Hop, pool: _HopConnections, connection: _Connection) -> None:
+        """Say QUIT on `connection` and free its slot once it is closed."""
+        quitting = defer.Deferred.fromCoroutine(connection.session.quit())
+        quitting.addErrback(lambda f: log.failure("QUIT after a recipient probe failed", f))
+        quitting.addBoth(lambda _: self._free(hop, pool))
+        self._closing.add(quitting)
+        quitting.addBoth(lambda _: self._closing.discard(quitting))
+
+    def _free(self, hop: Hop, pool: _HopConnections) -> None:
+        """A connection of `pool` is gone: its slot to the first probe waiting for one, else
+        given back (the pool forgotten once nothing of it is left)."""
+        if pool.waiting:
+            pool.waiting.popleft().callback(None)
+            return
+        pool.open -= 1
+        if pool.open == 0 and self._hops.get(hop) is pool:
+            del self._hops[hop]
+
+    def stopService(self) -> defer.Deferred[None]:
+        """The daemon stops: the idle connections QUIT at once (those of the probes still
+        under way once they end); fires once the connections saying QUIT now are closed."""
+        super().stopService()
+        self._stopping = True
+        for hop, pool in list(self._hops.items()):
+            while pool.idle:
+                connection = pool.idle.pop()
+                connection.stop_timer()
+                self._quit(hop, pool, connection)
+        closing = list(self._closing)
+        return defer.DeferredList(closing).addCallback(lambda _: None)
 
     def sweep(self) -> defer.Deferred[int]:
         """Delete the expired answers, SWEEP_BATCH a transaction; how many."""

@@ -604,16 +604,15 @@ class SMTPSession:
 
     async def probe(self, recipient: str) -> Reply:
         """Whether the next hop takes mail for `recipient` (recipient verification,
-        mailcore.gateway.callout): MAIL FROM:<> and RCPT TO:<recipient>, then RSET; no DATA
-        is ever sent. The RCPT's reply (judged, so a stray code is a protocol error and
-        the session is dropped); SMTPClientError when MAIL FROM:<> itself is refused, which
-        says nothing of the recipient."""
+        mailcore.gateway.callout): MAIL FROM:<> and RCPT TO:<recipient>, then RSET (not
+        after a 421: the hop is closing); no DATA is ever sent. The RCPT's reply (judged,
+        so a stray code is a protocol error and the session is dropped); SMTPClientError
+        when MAIL FROM:<> itself is refused, which says nothing of the recipient. Made on
+        a session with no transaction open: a new one, or one whose last probe's RSET was
+        answered 250 (`in_transaction` false; the verifier reuses no other)."""
         if _unsafe(recipient):
             return Reply(553, ("5.1.3 recipient address holds a control character; not sent",))
-        if self.in_transaction:
-            if judge(await self._command(b"RSET"), RSET_OK, "RSET").protocol_error:
-                self.abort()
-                raise ProtocolError("RSET: protocol error")
+        assert not self.in_transaction, "a probe on a session with a transaction open"
         self.in_transaction = True
         mail = judge(await self._command(b"MAIL FROM:<>"), MAIL_OK, "MAIL")
         if not mail.ok:
@@ -625,7 +624,7 @@ class SMTPSession:
         if reply.protocol_error:
             self.abort()
             return reply
-        if (await self._command(b"RSET")).code == 250:
+        if reply.code != 421 and (await self._command(b"RSET")).code == 250:
             self.in_transaction = False
         return reply
 
