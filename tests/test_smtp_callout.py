@@ -545,7 +545,7 @@ class ConnectionReuseTests(CalloutTestCase):
         self.assertEqual(self.metric("probes", UNDELIVERABLE), 3)
 
     def test_a_connection_the_next_hop_closes_while_idle_is_not_used(self) -> None:
-        s = self.session(self.make_factory())
+        s = self.session(self.make_factory(verify_hop_concurrency=1))  # its slot is reused
         self.assertEqual(self.rcpt(s, "user0@example.com"), ["250 2.1.5 Ok"])
         # The hop gives up on it (a 421 of its own idle timeout): dropped at once.
         self.connector.pumps[0].serverIO.write(b"421 4.4.2 sink.test Error: timeout\r\n")

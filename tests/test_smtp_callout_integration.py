@@ -49,6 +49,11 @@ class CalloutIntegrationTests(TestCase):
         await state.wait_for(1)
         [message] = state.messages
         self.assertEqual((message.mail_from, message.rcpts), ("a@x.test", ["b@customer.test"]))
-        # The probes: the null sender, RSET and QUIT, and no DATA but the message's own.
-        self.assertIn(b"MAIL FROM:<>", state.commands)
+        # The probes: the null sender and RSET, both on one connection, and no DATA but
+        # the message's own (on the queue's connection).
+        self.assertTrue(state.commands[0].startswith(b"EHLO "), state.commands)
+        self.assertEqual(state.commands[1:7], [
+            b"MAIL FROM:<>", b"RCPT TO:<b@customer.test>", b"RSET",
+            b"MAIL FROM:<>", b"RCPT TO:<nobody@customer.test>", b"RSET"])
         self.assertEqual(state.commands.count(b"DATA"), 1)
+        self.assertEqual(state.connections, 2)
