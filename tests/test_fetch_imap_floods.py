@@ -11,9 +11,10 @@ over a StringTransport; the last one runs the whole engine against a loopback se
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, event, insert, select
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -35,7 +36,11 @@ from mailcore.fetch.imap import (
     expand_set,
 )
 from mailcore.fetch.state import thd_held_uids, thd_stored_uids, thd_update_flags
-from mailcore.store.schema import fetch_folders
+from mailcore.messages.sql import new_id
+from mailcore.store.chunks import KEY_CHUNK
+from mailcore.store.schema import fetch_folders, message_blobs, messages
+from tests.support.db import MixinBase
+from tests.support.fetchenv import make_env
 from tests.test_fetch_imap_hostile import (
     FakeIMAP,
     FakeIMAPFactory,
@@ -672,3 +677,72 @@ class ChangedFlagsSyncTests(TestCase):
                       f"UIDs to one EXAMINE, more than two a UID and {LIST_SLACK}",
                       result.problems() or "")
         self.assertEqual(len(kept), 2)
+
+
+class FlagWritesMixin(MixinBase):
+    """The flag changes of a sync (up to MAX_CHANGED_FLAGS told by QRESYNC, every UID held
+    by a flags resync) were an UPDATE each: 50,000 statements. They are written by flag set,
+    a chunk of UIDs (KEY_CHUNK) an UPDATE."""
+
+    backend = "sqlite"
+    timeout = 60
+
+    async def test_changes_are_written_by_flag_set_a_chunk_of_uids_a_statement(self) -> None:
+        env = await make_env(self, backend=self.backend)
+        account = await env.accounts.create(
+            env.user_id, host="127.0.0.1", port=143, username="alice", password="pw",
+            allow_cleartext=True, start_tls=False,
+        )
+        then = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+        now = then + datetime.timedelta(days=1)
+        held = range(1, 3 * KEY_CHUNK + 4)  # 501 of each flag set: two chunks each
+
+        def fill(conn: Connection) -> int:
+            """The same UIDs under UIDVALIDITY 6 (left alone) and 7, each \\Draft."""
+            folder_id = new_id(conn.execute(insert(fetch_folders).values(
+                account_id=account.id, name="INBOX", delimiter="/")))
+            conn.execute(insert(message_blobs).values(sha256="0" * 64, size=len(BODY),
+                                                      raw=BODY, created_at=then))
+            conn.execute(insert(messages), [{
+                "user_id": env.user_id, "account_id": account.id, "folder_id": folder_id,
+                "folder": "INBOX", "uidvalidity": uidvalidity, "uid": uid,
+                "sha256": "0" * 64, "size": len(BODY), "flags": "\\Draft",
+                "created_at": then, "updated_at": then,
+            } for uidvalidity in (6, 7) for uid in held])
+            return folder_id
+
+        folder_id = await env.db.run("test_fill", fill)
+        sets: list[tuple[str, ...]] = [("\\Seen",), ("\\Seen", "\\Flagged"), ()]
+        changes = {uid: sets[uid % 3] for uid in held}
+        changes.update({uid: ("\\Deleted",) for uid in range(5_000, 5_010)})  # not held
+        updates: list[str] = []
+
+        def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith("UPDATE"):
+                updates.append(statement)
+
+        event.listen(env.db.engine, "before_cursor_execute", hook)
+        self.addCleanup(event.remove, env.db.engine, "before_cursor_execute", hook)
+        written = await env.db.run("update_fetch_flags", thd_update_flags, folder_id, 7,
+                                   changes, now)
+        self.assertEqual(written, len(held))
+        self.assertEqual(len(updates), 3 * 2 + 1)
+
+        def copies(conn: Connection) -> dict[tuple[int, int], tuple[str, datetime.datetime]]:
+            return {(row.uidvalidity, row.uid): (row.flags, row.updated_at)
+                    for row in conn.execute(select(
+                        messages.c.uidvalidity, messages.c.uid, messages.c.flags,
+                        messages.c.updated_at).where(messages.c.folder_id == folder_id))}
+
+        self.assertEqual(await env.db.read("test_copies", copies), {
+            **{(6, uid): ("\\Draft", then) for uid in held},
+            **{(7, uid): (" ".join(sets[uid % 3]), now) for uid in held},
+        })
+
+
+class SQLiteFlagWritesTests(FlagWritesMixin, TestCase):
+    pass
+
+
+class PostgreSQLFlagWritesTests(FlagWritesMixin, TestCase):
+    backend = "postgresql"

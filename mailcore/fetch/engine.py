@@ -894,8 +894,8 @@ class SyncEngine:
         max_uid = await self.db.read("fetch_max_uid", thd_max_uid, state.id, uidvalidity,
                                      info.uidnext)
         if not rescan:
-            # The flags QRESYNC said changed, of the UIDs we hold (those of others changed
-            # no row, each an UPDATE all the same).
+            # The flags QRESYNC said changed, of the UIDs we hold (those of others would
+            # change no row, and be written all the same).
             changes = await self._held_only(state.id, uidvalidity, info.changed_flags)
             # A HIGHESTMODSEQ lower than the one we saw (RFC 7162 3.1.2.1 says never while
             # UIDVALIDITY stays; a server restored from a backup of its own): the changes
