@@ -1039,7 +1039,7 @@ class SyncEngine:
                                                uidvalidity, max_uid)
             if not count:
                 return {}
-            span = b"%d" % lowest if lowest == max_uid else b"%d:%d" % (lowest, max_uid)
+            span = set_range(lowest, max_uid)
             try:
                 changed = await session.uid_fetch(span, b"UID FLAGS", modifiers,
                                                   max_items=2 * count + ARRIVING,
