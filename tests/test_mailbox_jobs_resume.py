@@ -651,7 +651,7 @@ class ResumeMixin(DatabaseMixin):
 
         job.phase = "backup"
         synced.append(passing_over(refusal))
-        doubt = await copier.bring_backup_up_to_date(runner, job, doubting=True)
+        doubt = await copier.bring_backup_up_to_date(runner, job)
         assert doubt is not None
         self.assertIn(f"'Archive' ({refusal})", doubt)
         self.assertEqual(await phase(), "recheck")
@@ -671,15 +671,14 @@ class ResumeMixin(DatabaseMixin):
         # passed over again is taken as deleted: the job ends done.
         job.phase = "recheck"
         synced.append(passing_over(refusal))
-        self.assertIsNone(await copier.bring_backup_up_to_date(runner, job, doubting=True))
+        self.assertIsNone(await copier.bring_backup_up_to_date(runner, job))
         self.assertEqual(await phase(), "copy")
         await copier.backup_synced(runner, job, None)
         # Nor is a folder passed over that no earlier sync opened, nor any for a restore.
-        for unsure, doubting in ((None, True), (refusal, False)):
-            job.phase = "backup"
+        for unsure, kind in ((None, "migrate"), (refusal, "restore")):
+            job.phase, job.kind = "backup", kind
             synced.append(passing_over(unsure))
-            self.assertIsNone(await copier.bring_backup_up_to_date(runner, job,
-                                                                   doubting=doubting))
+            self.assertIsNone(await copier.bring_backup_up_to_date(runner, job))
             self.assertEqual(await phase(), "copy")
 
 

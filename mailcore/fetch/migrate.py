@@ -321,11 +321,10 @@ class MailboxCopier:
 
     # -- the migrate body ------------------------------------------------------------------
 
-    async def bring_backup_up_to_date(self, runner: JobRunner, job: Job, *,
-                                      doubting: bool = False) -> str | None:
+    async def bring_backup_up_to_date(self, runner: JobRunner, job: Job) -> str | None:
         """Sync the account once per run of the job that finds it in its "backup" or
         "recheck" phase (a job resumed in its copy does not again; `backup_synced` puts it
-        back). `doubting` (a migrate): a folder the sync passed over that it cannot tell
+        back). A migrate (not a restore): a folder the sync passed over that it cannot tell
         deleted (`SyncResult.unsure`: Dovecot's plain NO for a folder deleted while it had
         subfolders, or Office 365's "Server Unavailable" for a moment, the folder's new mail
         then not backed up) is not taken as deleted the first time: the job goes to its
@@ -339,7 +338,7 @@ class MailboxCopier:
         if not result.ok:
             log.info("job {id}: the backup sync before the copy failed ({why}); copying "
                      "what is backed up", id=job.id, why=result.problems())
-        unsure = result.unsure() if doubting else {}
+        unsure = result.unsure() if job.kind == "migrate" else {}
         doubt = None
         if unsure and job.phase == RECHECK:
             log.info("job {id}: the backup sync passed over {folders} again, listed but not "
@@ -381,7 +380,7 @@ class MailboxCopier:
         await self.db.run("mailbox_job_phase", txn)
 
     async def migrate(self, runner: JobRunner, job: Job) -> None:
-        doubt = await self.bring_backup_up_to_date(runner, job, doubting=True)
+        doubt = await self.bring_backup_up_to_date(runner, job)
 
         def secret(conn: Connection) -> bytes | None:
             return conn.execute(select(mailbox_jobs.c.password_enc)
