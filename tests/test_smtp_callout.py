@@ -581,6 +581,32 @@ class ConnectionReuseTests(CalloutTestCase):
         self.assertEqual(self.metric("probes", UNKNOWN), 1)
         self.assertEqual((len(self.connector.connects), self.verifier._hops), (3, {}))
 
+    def test_a_refusal_the_hop_hangs_up_after_stands(self) -> None:
+        """A hop that drops the connection right after its answer to RCPT (Exim's `drop`
+        ACL: a 550, then the hang-up) has answered: the RSET that finds the connection gone
+        costs neither the verdict nor a second RCPT on a new connection."""
+        s = self.session(self.make_factory())
+        self.assertEqual(self.rcpt(s, "user0@example.com"), ["250 2.1.5 Ok"])
+
+        def drop(address: str) -> bytes:  # the reply, then the hang-up
+            transport = self.connector.pumps[-1].serverIO
+            write = transport.write
+
+            def write_and_close(data: bytes) -> None:
+                write(data)
+                transport.loseConnection()
+
+            transport.write = write_and_close  # type: ignore[method-assign]
+            return b"550 5.1.1 no such user, goodbye"
+
+        self.state.rcpt_reply = drop
+        self.assertEqual(self.rcpt(s, "nobody@example.com"), [
+            "550 5.1.1 <nobody@example.com>: Recipient address rejected: undeliverable "
+            "address (550 5.1.1 no such user, goodbye)"])
+        self.assertEqual(self.state.commands.count(b"RCPT TO:<nobody@example.com>"), 1)
+        self.assertEqual((len(self.connector.connects), self.verifier._hops), (1, {}))
+        self.assertEqual(self.metric("probes", UNDELIVERABLE), 1)
+
     def test_the_probe_connections_close_when_the_daemon_stops(self) -> None:
         factory = self.make_factory()
         s, other = self.session(factory), self.session(factory, "192.0.2.11")

@@ -606,10 +606,11 @@ class SMTPSession:
         """Whether the next hop takes mail for `recipient` (recipient verification,
         mailcore.gateway.callout): MAIL FROM:<> and RCPT TO:<recipient>, then RSET (not
         after a 421: the hop is closing); no DATA is ever sent. The RCPT's reply (judged,
-        so a stray code is a protocol error and the session is dropped); SMTPClientError
-        when MAIL FROM:<> itself is refused, which says nothing of the recipient. Made on
-        a session with no transaction open: a new one, or one whose last probe's RSET was
-        answered 250 (`in_transaction` false; the verifier reuses no other)."""
+        so a stray code is a protocol error and the session is dropped), which stands when
+        the RSET then fails (the session dropped); SMTPClientError when MAIL FROM:<> itself
+        is refused, which says nothing of the recipient. Made on a session with no
+        transaction open: a new one, or one whose last probe's RSET was answered 250
+        (`in_transaction` false; the verifier reuses no other)."""
         if _unsafe(recipient):
             return Reply(553, ("5.1.3 recipient address holds a control character; not sent",))
         assert not self.in_transaction, "a probe on a session with a transaction open"
@@ -624,7 +625,16 @@ class SMTPSession:
         if reply.protocol_error:
             self.abort()
             return reply
-        if reply.code != 421 and (await self._command(b"RSET")).code == 250:
+        if reply.code == 421:
+            return reply  # the hop is closing: no RSET
+        try:
+            reset = await self._command(b"RSET")
+        except SMTPClientError:
+            # The RCPT was answered: its reply stands (a hop may hang up right after it,
+            # as Exim's `drop` does); the session, its transaction open, is not reused.
+            self.abort()
+            return reply
+        if reset.code == 250:
             self.in_transaction = False
         return reply
 
