@@ -556,6 +556,24 @@ class ConnectionReuseTests(CalloutTestCase):
             b"MAIL FROM:<>", b"RCPT TO:<user1@example.com>", b"RSET"])
         self.assertEqual(self.metric("probes", DELIVERABLE), 2)
 
+    def test_a_dead_idle_connection_gives_way_to_another_idle_one(self) -> None:
+        """The last connection used, closed by the hop while idle, is dropped and the next
+        idle one used: no new connection while one is open and idle."""
+        factory = self.make_factory()
+        first, second = self.session(factory), self.session(factory, "192.0.2.11")
+        self.assertEqual(first.send(b"RCPT TO:<user0@example.com>\r\n"), [])
+        self.assertEqual(second.send(b"RCPT TO:<user1@example.com>\r\n"), [])
+        self.connector.flush()  # two connections, idle
+        self.assertEqual([first.replies(), second.replies()], [["250 2.1.5 Ok"]] * 2)
+        [pool] = self.verifier._hops.values()
+        last = pool.idle[-1].session.protocol
+        [pump] = [p for p in self.connector.pumps if p.client is last]
+        pump.serverIO.write(b"421 4.4.2 sink.test Error: timeout\r\n")
+        self.connector.flush()
+        self.assertEqual(self.rcpt(first, "user2@example.com"), ["250 2.1.5 Ok"])
+        self.assertEqual((len(self.connector.connects), self.ehlos()), (2, 2))
+        self.assertEqual(pool.open, 1)
+
     def test_a_reused_connection_that_fails_is_no_verdict_a_new_one_is_asked(self) -> None:
         """A hop that has had enough of our connection (its error or junk command limit:
         421, or it hangs up) tells nothing of the recipient: the probe is made again on

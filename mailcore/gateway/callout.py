@@ -331,14 +331,17 @@ class RecipientVerifier(Service):
         return await self._ask(hop, pool, None, address)
 
     async def _take(self, pool: _HopConnections) -> _Connection | None:
-        """An idle connection of `pool` (the last one used), or None once a slot for a new
-        one is ours (free, a dead idle connection's, or handed over by one that closed)."""
-        if pool.idle:
+        """An idle connection of `pool` (the last one used of those still open), or None
+        once a slot for a new one is ours (free, a dead idle connection's, or handed over
+        by one that closed)."""
+        while pool.idle:
             connection = pool.idle.pop()
             connection.stop_timer()
             if connection.session.usable:
                 return connection
-            return None  # closed or dropped while idle (a 421, the hop hung up): its slot
+            # Closed or dropped while idle (a 421, the hop hung up): gone, its slot free
+            # (none waits while a connection is idle) for another idle one or a new one.
+            pool.open -= 1
         if pool.open < pool.limit:
             pool.open += 1
             return None
