@@ -116,10 +116,12 @@ class SMTPSettings:
       address list (every local part is otherwise accepted, and what the next hop later
       refuses bounces to a sender who is usually forged: backscatter, which gets the
       gateway blocklisted). At RCPT the domain's next hop is asked, as the queue reaches
-      it (its route and TLS policy), with MAIL FROM:<> and RCPT TO, then RSET and QUIT
-      (never DATA); its refusal of the recipient itself (550, 551 or 553 about the
-      address: mailcore.gateway.callout.refuses_recipient) is our 550 5.1.1 with its
-      reply. Answers are kept in the store for every node (see mailcore.gateway.callout).
+      it (its route and TLS policy), with MAIL FROM:<> and RCPT TO, then RSET (never
+      DATA), the connection kept a few seconds for the next probe to that next hop
+      (mailcore.gateway.callout.PROBE_IDLE), then QUIT; its refusal of the recipient
+      itself (550, 551 or 553 about the address:
+      mailcore.gateway.callout.refuses_recipient) is our 550 5.1.1 with its reply.
+      Answers are kept in the store for every node (see mailcore.gateway.callout).
     - `verify_unreachable` ("accept"): what a RCPT gets when the next hop gives no answer
       (unreachable, 4xx, another 5xx, past `verify_timeout`): "accept" takes the mail (the
       gateway holds it while the customer's server is down), "defer" answers 450 4.1.1.
@@ -129,8 +131,8 @@ class SMTPSettings:
     - `verify_positive_ttl` (604800, 7 days), `verify_negative_ttl` (10800, 3 hours): how
       long an address the next hop took, or refused, is answered from the store.
     - `verify_hop_concurrency` (4): verification connections this node has open to one
-      next hop at once (per node; until each is closed, QUIT included); more wait (within
-      `verify_timeout`).
+      next hop at once (per node; until each is closed: while idle and during its QUIT
+      too); more wait (within `verify_timeout`).
 
     The host name in the greeting and in Received headers is the top-level `hostname`; it
     may hold no space or control character, so that no SMTP line can be split by it.
