@@ -645,6 +645,25 @@ class ConnectionReuseTests(CalloutTestCase):
         self.assertEqual(self.verifier._hops, {})  # (no timer left: see no_timers_left)
 
 
+    def test_at_the_daemons_stop_a_waiting_probe_takes_the_connection(self) -> None:
+        """A probe waiting for the hop's last slot when the daemon stops is made on the
+        connection given back, which then says QUIT: not closed first and a new one
+        opened in its slot, a round trip (QUIT, or QUIT_TIMEOUT) more of the probe's
+        verify_timeout."""
+        factory = self.make_factory(verify_hop_concurrency=1)
+        first, second = self.session(factory), self.session(factory, "192.0.2.11")
+        self.assertEqual(first.send(b"RCPT TO:<user0@example.com>\r\n"), [])
+        self.assertEqual(second.send(b"RCPT TO:<user1@example.com>\r\n"), [])  # waits
+        stopped = self.verifier.stopService()
+        self.connector.flush()
+        self.successResultOf(stopped)
+        self.assertEqual([first.replies(), second.replies()], [["250 2.1.5 Ok"]] * 2)
+        self.assertEqual((len(self.connector.connects), self.ehlos()), (1, 1))
+        self.assertEqual(self.state.commands[-3:], [b"RCPT TO:<user1@example.com>", b"RSET",
+                                                    b"QUIT"])
+        self.assertEqual(self.verifier._hops, {})
+
+
 class SettingsTests(TestCase):
     def test_the_verify_keys_are_read_and_checked(self) -> None:
         config = Config(sections={"smtp": {

@@ -387,15 +387,19 @@ class RecipientVerifier(Service):
         """After a probe: the connection to the next probe waiting for the hop, else idle
         for PROBE_IDLE seconds; closed (QUIT) instead when it cannot take another (its
         RSET was not answered 250, a 421, PROBES_PER_CONNECTION or REFUSALS_PER_CONNECTION
-        reached) or the verifier is stopping."""
+        reached) or, no probe waiting for it, the verifier is stopping (a waiting probe
+        would otherwise open a new connection once this one is closed)."""
         session = connection.session
-        if (not reusable or self._stopping or not session.usable or session.in_transaction
+        if (not reusable or not session.usable or session.in_transaction
                 or connection.probes >= PROBES_PER_CONNECTION
                 or connection.refusals >= REFUSALS_PER_CONNECTION):
             self._quit(hop, pool, connection)
             return
         if pool.waiting:
             pool.waiting.popleft().callback(connection)
+            return
+        if self._stopping:
+            self._quit(hop, pool, connection)
             return
         connection.timer = self.clock.callLater(PROBE_IDLE, self._expire, hop, pool,
                                                 connection)
