@@ -9,6 +9,7 @@ imported only when there is something to do or to refuse.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -291,29 +292,135 @@ def rebuild_autoincrement(conn: Connection, table: str, autoincrement: bool,
                           references: tuple[str, ...], named_ids: str | None = None) -> None:
     """In a migration, on SQLite (nothing elsewhere: PostgreSQL's sequences never give an
     id twice): rebuild `table` with or without AUTOINCREMENT, every row and id kept, and
-    check its row count and the foreign keys of `references` (tables that point at it)
-    after. With AUTOINCREMENT, the sequence starts at what the query `named_ids` gives (the
-    highest id any row still names, the table's own included), so that no id given before
-    is given again. Foreign keys are off while migrations run (`_without_foreign_keys`), so
-    dropping the old table deletes nothing that references it."""
+    check its row count and the foreign keys to it of `references` (tables that point at
+    it) after. With AUTOINCREMENT, the sequence starts at what the query `named_ids` gives
+    (the highest id any row still names, the table's own included), so that no id given
+    before is given again. Foreign keys are off while migrations run (`_without_foreign_keys`), so
+    dropping the old table deletes nothing that references it.
+
+    The rebuild is the one SQLite documents for a change ALTER TABLE cannot make, from the
+    table's stored SQL (not a reflection of it, which loses triggers, partial and
+    expression indexes): a new table of the same definition but its id column's, every row
+    copied with its id, the old table dropped, the new one renamed (legacy rename: the
+    references of other tables and triggers already name `table`), and the old table's
+    indexes and triggers made again from their stored SQL in the order they were first
+    made (SQLite's planner, without statistics, breaks ties between indexes by that
+    order). A full-text index whose content is `table` reads its rows by id and stays
+    valid. Needs free disk for a second copy of the table while it runs."""
     if conn.dialect.name != "sqlite":
         return
-    from alembic import op
-
-    before = conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
-    with op.batch_alter_table(table, recreate="always",
-                              table_kwargs={"sqlite_autoincrement": autoincrement}):
-        pass
-    after = conn.exec_driver_sql(f"SELECT count(*) FROM {table}").scalar()
+    if conn.exec_driver_sql("PRAGMA foreign_keys").scalar():
+        raise RuntimeError(f"rebuilding {table}: run it with foreign keys off "
+                           "(mailcore.store.migrate does)")
+    create_sql = conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).scalar()
+    assert isinstance(create_sql, str)
+    dependents = [sql for (sql,) in conn.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE tbl_name = ? AND type IN ('index', 'trigger') "
+        "AND sql IS NOT NULL ORDER BY rowid", (table,))]
+    columns = ", ".join(f'"{row[1]}"' for row in conn.exec_driver_sql(
+        f'PRAGMA table_info("{table}")'))
+    new = f"{table}_rebuilt"
+    before = conn.exec_driver_sql(f'SELECT count(*) FROM "{table}"').scalar()
+    conn.exec_driver_sql(_with_autoincrement(create_sql, new, autoincrement))
+    conn.exec_driver_sql(
+        f'INSERT INTO "{new}" ({columns}) SELECT {columns} FROM "{table}" ORDER BY id')
+    conn.exec_driver_sql(f'DROP TABLE "{table}"')
+    conn.exec_driver_sql("PRAGMA legacy_alter_table=ON")
+    try:
+        conn.exec_driver_sql(f'ALTER TABLE "{new}" RENAME TO "{table}"')
+    finally:
+        conn.exec_driver_sql("PRAGMA legacy_alter_table=OFF")
+    for sql in dependents:
+        conn.exec_driver_sql(sql)
+    after = conn.exec_driver_sql(f'SELECT count(*) FROM "{table}"').scalar()
     broken = None
     for name in (table, *references):
-        broken = broken or conn.exec_driver_sql(f"PRAGMA foreign_key_check({name})").first()
+        broken = broken or _broken_reference(conn, name, table)
     if after != before or broken is not None:
         raise RuntimeError(f"{table} rebuilt with {after} of {before} rows, "
                            f"first broken reference: {broken}")
+    if conn.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").first() is not None:
+        # Planner statistics (an operator's ANALYZE) went with the old table: make them again.
+        conn.exec_driver_sql(f'ANALYZE "{table}"')
+    if conn.exec_driver_sql(
+            "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").first() is None:
+        return  # no AUTOINCREMENT table at all (a downgrade of the last one)
+    conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name IN (?, ?)", (table, new))
     if autoincrement:
         highest = int(conn.exec_driver_sql(
-            named_ids or f"SELECT max(id) FROM {table}").scalar() or 0)
-        conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+            named_ids or f'SELECT max(id) FROM "{table}"').scalar() or 0)
         conn.exec_driver_sql(
             "INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, highest))
+
+
+def _broken_reference(conn: Connection, name: str, table: str) -> tuple[str, int] | None:
+    """A row of table `name` whose foreign key to `table` names no row of it (the table
+    and the row id), or None. Only the keys to `table`: `PRAGMA foreign_key_check(name)`
+    checks every key of `name`, whose other targets a rebuild of `table` leaves alone (on
+    a million messages, 7 s a table that points at them)."""
+    for key in conn.exec_driver_sql(f'PRAGMA foreign_key_list("{name}")').fetchall():
+        if key[2] != table:
+            continue
+        row = conn.exec_driver_sql(
+            f'SELECT rowid FROM "{name}" WHERE "{key[3]}" IS NOT NULL AND "{key[3]}" '
+            f'NOT IN (SELECT "{key[4] or "id"}" FROM "{table}") LIMIT 1').first()
+        if row is not None:
+            return name, int(row[0])
+    return None
+
+
+# The `id INTEGER` column's definition, and a table constraint making it the primary key.
+_ID_COLUMN = re.compile(r'^"?id"?\s+INTEGER\b', re.IGNORECASE)
+_ID_PRIMARY_KEY = re.compile(
+    r'^(?:CONSTRAINT\s+"?(\w+)"?\s+)?PRIMARY\s+KEY\s*\(\s*"?id"?\s*\)$', re.IGNORECASE)
+_INLINE_PRIMARY_KEY = re.compile(r"\bPRIMARY\s+KEY\b", re.IGNORECASE)
+_AUTOINCREMENT = re.compile(r"\s+AUTOINCREMENT\b", re.IGNORECASE)
+
+
+def _with_autoincrement(create_sql: str, name: str, autoincrement: bool) -> str:
+    """`create_sql` (a table's CREATE TABLE, its primary key an `id INTEGER` column) as
+    CREATE TABLE `name`, its id column with AUTOINCREMENT or without (which SQLite takes
+    only on the column, `PRIMARY KEY AUTOINCREMENT`: a table constraint naming the
+    column moves onto it, its name kept); every other definition as it was."""
+    _, _, rest = create_sql.partition("(")
+    definitions = _split_definitions(rest[: rest.rindex(")")])
+    ids = [i for i, d in enumerate(definitions) if _ID_COLUMN.match(d)]
+    if len(ids) != 1:
+        raise RuntimeError(f"no single id INTEGER column in {create_sql!r}")
+    column = _AUTOINCREMENT.sub("", definitions[ids[0]])
+    if autoincrement:
+        keys = [(i, m) for i, d in enumerate(definitions) if (m := _ID_PRIMARY_KEY.match(d))]
+        if keys:
+            index, key = keys[0]
+            named = f"CONSTRAINT {key.group(1)} " if key.group(1) else ""
+            column += f" {named}PRIMARY KEY AUTOINCREMENT"
+            del definitions[index]
+        elif _INLINE_PRIMARY_KEY.search(column):
+            column = _INLINE_PRIMARY_KEY.sub("PRIMARY KEY AUTOINCREMENT", column, count=1)
+        else:
+            raise RuntimeError(f"id is not the primary key in {create_sql!r}")
+    definitions[ids[0]] = column
+    return f'CREATE TABLE "{name}" (\n\t' + ",\n\t".join(definitions) + "\n)"
+
+
+def _split_definitions(body: str) -> list[str]:
+    """The comma-separated definitions of a CREATE TABLE's body, commas inside brackets or
+    quotes left alone."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(body):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"`[":
+            quote = "]" if ch == "[" else ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(body[start:i].strip())
+            start = i + 1
+    parts.append(body[start:].strip())
+    return [p for p in parts if p]
