@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mailcore.mailapi import MailboxService
 from mailcore.mailapi.delivery import HOSTED_TTL, HostedAddresses, LocalMailboxes
 from mailcore.mailapi.files import MailFiles
-from mailcore.queue.model import Job, Rcpt
+from mailcore.queue.model import Job, Rcpt, thd_delete
 from mailcore.queue.runner import thd_deliver_local
 from mailcore.store.schema import (
     domains,
@@ -132,6 +132,16 @@ class LocalDeliveryTests(QueueTestCase):
             "node", 1.0, 2.0, "mx.test")
         self.assertEqual(stored.stored, {row.queue_rcpt_id})
         self.assertEqual(len(self.mail()), 1)
+
+    async def test_a_new_recipient_is_not_taken_for_a_forgotten_one_stored(self) -> None:
+        """A delivered message forgotten by the queue (pruned, or `queue delete`) leaves its
+        recipient's id on the mail it stored: the next recipient made must not get it, or
+        its mail is taken for stored already (SQLite AUTOINCREMENT, migration 0069)."""
+        await self.accept("Q1", "bob@customer.test")
+        await self.q.spool.drain()
+        self.assertTrue(done(self.db.run("forget", thd_delete, "Q1")))
+        await self.accept("Q2", "bob@customer.test", body=MIME)
+        self.assertEqual([row.subject for row in self.mail()], ["hello", "héllo"])
 
     async def test_a_mailbox_removed_before_delivery_bounces_to_the_sender(self) -> None:
         # The router still believes the address hosted (its cache), the store does not.

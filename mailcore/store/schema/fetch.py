@@ -90,4 +90,5 @@ fetch_folders = Table(
     # keeps its error while one is left (mailcore.fetch.engine).
     Column("skipped_uids", Text, nullable=True),
     UniqueConstraint("account_id", "name", name="uq_fetch_folders_account_name"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )

@@ -43,6 +43,7 @@ users = Table(
     # (0042) When `mailcore user delete` began to delete the user (it is disabled since):
     # set until the row goes, the last step; `user enable` refuses such a user.
     Column("deleting_at", DateTime(timezone=True), nullable=True),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 # Compared in lower case (identity.name_key): unique so, not only as typed (0040).
 Index("ux_users_username_lower", func.lower(users.c.username), unique=True)

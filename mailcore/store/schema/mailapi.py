@@ -119,6 +119,7 @@ mailapi_mail = Table(
     Index("ix_mailapi_mail_author_id", "author_id"),
     Index("ix_mailapi_mail_outbox", "status", "mailbox_id", "outbox_seq"),
     Index("ix_mailapi_mail_raw_sha256", "raw_sha256"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 # Where `outbox_seq` values come from on PostgreSQL: a sequence, which every node draws from

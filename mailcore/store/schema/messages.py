@@ -60,6 +60,7 @@ threads = Table(
     # How many messages point at the thread; kept by triggers (migration 0020).
     Column("message_count", BigInteger, nullable=False, server_default="0"),
     Index("ix_threads_user_subject", "user_id", "subject_key"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 # One copy of a message in one folder: IMAP (folder, uidvalidity, uid) or POP3 (folder, uidl).
@@ -131,6 +132,7 @@ messages = Table(
     Index("ix_messages_signature_unscanned", "id",
           sqlite_where=text("signature_phone IS NULL"),
           postgresql_where=text("signature_phone IS NULL")),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 # The size POP3's LIST gave a message fetched by POP3 under its UIDL (migration 0061): a
@@ -183,6 +185,7 @@ message_attachments = Table(
     Index("ix_message_attachments_message_row_id", "message_row_id"),
     Index("ix_message_attachments_undescribed", "id",
           sqlite_where=text("meta_data IS NULL"), postgresql_where=text("meta_data IS NULL")),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 # Messages per (user, account, folder), kept by triggers on `messages` (migration 0020):

@@ -67,4 +67,5 @@ queue_recipients = Table(
     Index("ix_queue_recipients_message_id", "message_id"),
     Index("ix_queue_recipients_state_next", "state", "next_attempt_at"),
     Index("ix_queue_recipients_lease_owner", "lease_owner"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )

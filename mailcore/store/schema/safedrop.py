@@ -53,6 +53,7 @@ drop_bundles = Table(
     # each create (`create_bundle_txn`), whatever the owner sent before (migration 0067).
     Index("ix_drop_bundles_owner_unsent", "owner_id",
           sqlite_where=text("sent_at IS NULL"), postgresql_where=text("sent_at IS NULL")),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 drop_recipients = Table(
@@ -87,6 +88,7 @@ drop_recipients = Table(
     # at most one such receipt an hour; migration 0033).
     Column("opened_receipt_at", DateTime(timezone=True), nullable=True),
     Index("ix_drop_recipients_bundle", "bundle_id", "id"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 drop_files = Table(
@@ -102,6 +104,7 @@ drop_files = Table(
     Column("sha256", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_drop_files_bundle", "bundle_id", "id"),
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 # Which files each recipient has downloaded in full (for read_remove and receipts).

@@ -70,6 +70,7 @@ webhook_deliveries = Table(
     Index("ix_webhook_deliveries_webhook_id", "webhook_id"),
     Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
     Index("ix_webhook_deliveries_completed_at", "completed_at"),  # the hourly prune
+    sqlite_autoincrement=True,  # an id is never given twice (migration 0069)
 )
 
 # A sync's pending events: one row per new e-mail ("email.new", `ref_id` its messages.id),
