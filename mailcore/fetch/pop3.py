@@ -446,7 +446,10 @@ class POP3Session(pop3client.POP3Client):
                                 f"the header of message {index + 1} on {self.host}")
 
     async def _read(self, index: int, top: int | None, limit: int, what: str) -> bytes:
-        lines: list[bytes] = []
+        # The message's bytes as they come, not a list of its lines: a line is a bytes
+        # object of some 35 bytes besides its own, so a message of short lines ("ab") held
+        # 11 times its size, and joining them at the end made it 44 (724 MB for 16 MiB).
+        held = bytearray()
         total = [0]
 
         def too_large() -> MessageTooLarge:
@@ -455,9 +458,11 @@ class POP3Session(pop3client.POP3Client):
         def consume(line: bytes) -> None:
             total[0] += len(line) + 2
             if total[0] <= limit:
-                lines.append(line)
+                held.extend(line)
+                held.extend(b"\r\n")
             elif total[0] <= 2 * limit:
-                lines.clear()
+                if held:
+                    held.clear()
             elif not self._dead:
                 self._fail(too_large())
 
@@ -470,7 +475,7 @@ class POP3Session(pop3client.POP3Client):
             self._reading, self._message_reply = None, False
         if total[0] > limit:
             raise too_large()
-        return b"".join(line + b"\r\n" for line in lines)
+        return bytes(held)
 
     async def confirm(self) -> None:
         """NOOP: its reply comes after all the server sent before it, so a message whose
