@@ -312,6 +312,46 @@ class LongLineUnitTests(TestCase):
                          f"fake sent a line longer than {POP3Session.MAX_LENGTH}")
 
 
+class ShortLineUnitTests(TestCase):
+    """A message's lines were read one Python call each (and several more in Twisted's
+    client): 16 MiB of 2-byte lines held the reactor 8 s, and a RETR may be twice
+    max_message_bytes. Now the lines of a read go to the message in one piece."""
+
+    def test_short_lines_cost_no_more_than_long_ones(self) -> None:
+        times = []
+        for line in (b"x" * 998, b"ab"):
+            session, _transport = connected()
+            d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+            block = (line + b"\r\n") * (65536 // (len(line) + 2))
+            times.append(feed_in_reads(session, b"+OK\r\n" + block * 64 + b".\r\n", 65536))
+            self.assertEqual(self.successResultOf(d), block * 64)
+        long_lines, short_lines = times
+        self.assertLess(short_lines, 10 * long_lines + 0.2, times)
+
+    def test_dot_lines_are_unstuffed_wherever_the_reads_cut(self) -> None:
+        lines = [b"..", b"...", b"..x", b".y", b"", b"a.b", b"..", b".\r.", b"z", b"...."]
+        sent = b"".join(line + b"\r\n" for line in lines)
+        # Twisted's client a line at a time: a line beginning ".." loses one ".".
+        expected = b"".join((line[1:] if line.startswith(b"..") else line) + b"\r\n"
+                            for line in lines)
+        for size in (1, 2, 3, 4, 5, 7, 11, len(sent) + 8):
+            session, _transport = connected()
+            d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+            feed_in_reads(session, b"+OK\r\n" + sent + b".\r\n", size)
+            self.assertEqual(self.successResultOf(d), expected, size)
+            self.assertIsNone(session.error)
+
+    def test_a_long_line_among_short_ones_in_one_read_fails_the_session(self) -> None:
+        session, transport = connected()
+        d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
+        session.dataReceived(b"+OK\r\nab\r\n" + b"x" * (POP3Session.MAX_LENGTH + 1)
+                             + b"\r\nab\r\n.\r\n")
+        self.assertTrue(transport.disconnecting)
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(str(failure_of(d)),
+                         f"fake sent a line longer than {POP3Session.MAX_LENGTH}")
+
+
 class OutOfStepUnitTests(TestCase):
     """A RETR reply that goes on after its end (a line "." not byte-stuffed) fails the
     session, naming the message that was cut, whether the rest came in the same read or
