@@ -503,6 +503,40 @@ class LongLineTests(TestCase):
         whole, in_reads = times
         self.assertLess(in_reads, 10 * whole + 0.2, times)
 
+    def test_a_bare_lf_in_each_read_does_not_make_a_long_line_quadratic(self) -> None:
+        # "No LF in the read" was the test for "no line ends here": an LF alone in each
+        # read (no IMAP line end) had the whole line joined and searched at every read,
+        # 4 MiB in 1 KiB reads 12.8 s.
+        piece = b"7" * 2047 + b"\n"
+        body = piece * (4 * 1024 * 1024 // len(piece))
+        line = b"* SEARCH 7 " + body + b"\r\n"
+        times = []
+        for size in (len(line), len(piece)):
+            client, _transport = connected()
+            d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
+            times.append(feed_in_reads(client.dataReceived, line + b"0001 OK s\r\n", size))
+            self.assertIn("not a number from 1 to 4294967295", str(failure_of(d)))
+        self.assertLess(times[1], 10 * times[0] + 0.2, times)
+        fetch = b"* 1 FETCH (UID 1 X-LONG " + body + b")\r\n"
+        times = []
+        for size in (len(fetch), len(piece)):
+            reader = ReplyReader(max_line=imap.MAX_LINE, max_literal=1000, host="fake")
+            seconds, out = read_all(reader, fetch, size)
+            times.append(seconds)
+            self.assertEqual([r.lines for r in out], [[fetch[:-2]]])
+        self.assertLess(times[1], 10 * times[0] + 0.2, times)
+
+    def test_an_lf_alone_after_a_held_cr_ends_its_line(self) -> None:
+        reads = [b"* SEARCH 4 5\r", b"\n", b"0001 OK s\r", b"\n"]
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
+        for data in reads:
+            client.dataReceived(data)
+        self.assertEqual(self.successResultOf(d), [4, 5])
+        reader = ReplyReader(max_line=100, max_literal=100, host="fake")
+        self.assertEqual([[r.lines for r in reader.feed(data)] for data in reads],
+                         [[], [[b"* SEARCH 4 5"]], [], [[b"0001 OK s"]]])
+
     def test_a_line_cut_anywhere_is_read_once_whole(self) -> None:
         data = b"* SEARCH 4 5\r\n* SEARCH 6\r\n0001 OK s\r\n"
         for size in (1, 2, 3, 7):

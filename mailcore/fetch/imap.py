@@ -50,6 +50,7 @@ from mailcore.fetch.bulk import (
     Reply,
     ReplyReader,
     announced_uid,
+    ends_line,
     parse_fetch_reply,
     parse_internaldate,
 )
@@ -685,8 +686,8 @@ class IMAPClient(imap4.IMAP4Client):
         if self._bulk is not None:
             self._bulk_received(data)
             return
-        if (self.line_mode and b"\n" not in data and not self.paused
-                and not self._busyReceiving):
+        if (self.line_mode and not self.paused and not self._busyReceiving
+                and not ends_line(data, self._partial[-1] if self._partial else self._buffer)):
             # No line ends in this read: kept aside. LineReceiver appends each read to its
             # buffer and searches the whole buffer again, so a line of 16 MiB read 64 KiB
             # at a time cost the reactor 6 s (quadratic in the line's length).

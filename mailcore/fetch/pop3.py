@@ -23,6 +23,7 @@ from twisted.mail import pop3client
 from twisted.mail._except import ServerErrorResponse
 from twisted.python.failure import Failure
 
+from mailcore.fetch.bulk import ends_line
 from mailcore.fetch.errors import (
     AuthFailed,
     CleartextRefused,
@@ -160,7 +161,7 @@ class POP3Session(pop3client.POP3Client):
             return
         self._discard = False
         held = self._partial
-        if self.delimiter not in data and not (data[:1] == b"\n" and held[-1:] == b"\r"):
+        if not ends_line(data, held):
             held += data
             if len(held) > self.MAX_LENGTH:
                 self.lineLengthExceeded(b"")
