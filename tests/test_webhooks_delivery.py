@@ -213,6 +213,19 @@ class HostileReceiverTests(TestCase):
         self.assertEqual((e.status, e.attempts, e.last_error),
                          ("pending", 1, "no answer within 10 s"))
 
+    async def test_a_redirect_is_not_followed(self) -> None:
+        # A receiver must not send the signed payload on to where it likes, the address
+        # policy's private networks among them: a 3xx is a failed attempt, retried.
+        reactor, entry = await self.setup(timeout=10)
+        connection = Connection(reactor)
+        connection.feed(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://10.0.0.1/in\r\n"
+                        b"Content-Length: 0\r\n\r\n")
+        connection.lost()
+        e = await entry()
+        self.assertEqual((e.status, e.attempts, e.last_status_code, e.last_error),
+                         ("pending", 1, 307, "HTTP 307"))
+        self.assertEqual(len(reactor.tcpClients), 1)
+
     async def test_a_name_that_does_not_resolve_is_retried(self) -> None:
         reactor, entry = await self.setup(names={}, backoff_base=30)
         self.assertEqual(reactor.tcpClients, [])
