@@ -212,6 +212,29 @@ class AccessLogTests(TestCase):
         self.assertEqual(rule.target(b"/d/s3cr3t"), "/d/[redacted]")
         self.assertEqual(rule.target(b"/drop/42"), "/drop/42")
 
+    def test_a_path_is_shown_as_it_is_unless_a_pattern_may_match_it(self) -> None:
+        """The paths that hold no pattern's first segment are shown untouched without being
+        split; any spelling that may match one (case, `%`, non-ASCII, the segment inside a
+        longer one) is still judged segment by segment."""
+        rule = RedactionRule(params=frozenset(), paths=("/drop/{secret}", "/q/r/{secret}"))
+        for path, shown in [
+            ("/api/emails/", "/api/emails/"),
+            ("//api//emails?", "//api//emails?"),
+            ("/DROP/t0k", "/DROP/[redacted]"),
+            ("/Q/R/t0k/x", "/Q/R/[redacted]/x"),
+            ("/dro%70/t0k", "/dro%70/[redacted]"),
+            ("/api/dropbox/t0k", "/api/dropbox/t0k"),
+            ("/\u00e9/drop/t0k", "/\u00e9/drop/t0k"),
+            ("/drop/\u00e9t0k", "/drop/[redacted]"),
+        ]:
+            self.assertEqual(rule.path(path.encode("latin-1").decode("unicode_escape")
+                                       .encode()), shown, path)
+        # A pattern that starts with `*` or `{secret}` may match any path.
+        anywhere = RedactionRule(params=frozenset(), paths=("*/{secret}",))
+        self.assertEqual(anywhere.path(b"/api/emails/"), "/api/[redacted]/")
+        hidden_first = RedactionRule(params=frozenset(), paths=("{secret}",))
+        self.assertEqual(hidden_first.path(b"/t0k/x"), "/[redacted]/x")
+
     def assert_drop_link_logged_as(self, target: str, shown: str) -> None:
         """A GET of `target` ({token} in it) through the real site is logged as `shown`."""
         web = Web.build()

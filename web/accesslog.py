@@ -78,7 +78,24 @@ class RedactionRule:
             return _authority(text)
         return self._path(text)
 
+    @cached_property
+    def _first_segments(self) -> tuple[str, ...] | None:
+        """The first segment of every pattern that has one, when each is a literal (None
+        when one is `*` or `{secret}`): a pattern matches only a path that holds it."""
+        firsts = tuple(p[0] for p in self._patterns if p)
+        if any(s in (HIDDEN_SEGMENT, ANY_SEGMENT) for s in firsts):
+            return None
+        return firsts
+
     def _path(self, text: str) -> str:
+        # Most paths (every API's) hold no pattern's first segment: they are shown as they
+        # are. Only an ASCII path without `%` is judged so (its segments are compared
+        # as they are spelt, lower-cased letter by letter), without splitting it.
+        firsts = self._first_segments
+        if firsts is not None and text.isascii() and "%" not in text:
+            lowered = text.lower()
+            if not any(first in lowered for first in firsts):
+                return text
         # An encoded slash separates segments too: the router decodes `%2F` before it
         # matches, so `/drop%2FTOKEN` reaches the drop page.
         pieces = _SEPARATOR.split(text)
