@@ -430,7 +430,8 @@ class Imap2ApiApp(ApiApp):
         (user, host and URL) is answered with them while that stamp stands, which the
         store checks in one short read instead of reading and writing the page again."""
         user_id = await self.user_id(request)
-        query = message_query(drf_query(request))
+        params = drf_query(request)
+        query = message_query(params)
         if threads:
             query = MessageQuery(**{**query.__dict__, "threads_only": True})
         key = (user_id, threads, request_base(request), request.uri)
@@ -448,7 +449,7 @@ class Imap2ApiApp(ApiApp):
             return page
 
         try:
-            body = self.reply(request, await paginate(request, fetch, email_json))
+            body = self.reply(request, await paginate(request, fetch, email_json, params))
         except _Unchanged:
             assert kept is not None
             return encoded_json_reply(request, kept[1])

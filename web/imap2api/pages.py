@@ -17,6 +17,7 @@ from twisted.web.iweb import IRequest
 from mailcore.messages import Page as StorePage
 from web.errors import ApiError
 from web.imap2api.queries import INVALID_PAGE, drf_query, page_number, page_size
+from web.parsing import QueryParams
 
 T = TypeVar("T")
 
@@ -60,11 +61,13 @@ def page_url(request: IRequest, page: int | None) -> str:
 
 async def paginate(
     request: IRequest, fetch: Callable[[int, int], Awaitable[StorePage[T]]],
-    show: Callable[[T], Any],
+    show: Callable[[T], Any], params: QueryParams | None = None,
 ) -> dict[str, Any]:
     """A DRF page of what `fetch(offset, limit)` returns: its items as `show` shows them,
-    or its `json` as it is."""
-    params = drf_query(request)
+    or its `json` as it is. `params`: the request's `drf_query`, when the caller read it
+    already."""
+    if params is None:
+        params = drf_query(request)
     size = page_size(params)
     number = page_number(params)
     if number is None:  # "last": the count says which page that is
