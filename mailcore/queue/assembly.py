@@ -67,7 +67,13 @@ def build_queue(
 
         connector = TCPConnector(reactor if reactor is not None else clock, settings,
                                  config.hostname, next_hops)
-    router = Router(db, clock, settings, resolver)
+    sts = None
+    if settings.mta_sts:
+        from mailcore.queue.mtasts import PolicyFetcher, PolicyFinder
+
+        sts = PolicyFinder(db, clock, settings, PolicyFetcher(
+            reactor if reactor is not None else clock, settings))
+    router = Router(db, clock, settings, resolver, sts=sts)
     runner = QueueRunner(
         db, clock, settings, metrics, router, connector, pipeline or Pipeline(), config.hostname,
         max_hops=SMTPSettings.from_config(config).max_hops,  # the hop limit is [smtp]'s

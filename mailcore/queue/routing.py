@@ -14,6 +14,9 @@ Mail for anyone else (bounces to foreign senders) goes to the configured
 `relayhost`, or, when none is set, to the recipient domain's best MX found with
 twisted.names (the resolver is injectable), with the `[queue] tls` default; its other MX
 hosts (up to MAX_MX_HOSTS in all, by preference) are tried in turn when it cannot be reached.
+An MX route follows the domain's MTA-STS policy (`[queue] mta_sts`, mailcore.queue.mtasts):
+under `enforce`, only the MX hosts it lists, with the `verify` TLS policy, or none at all
+(deferred 4.7.5); under `testing`, what enforce would refuse is logged.
 
 This gateway's own mail (bounces, Mail API and safedrop mail) names a served domain only
 when that domain is proved or vouched for (`mailcore.queue.model.VOUCHED`): a user may claim
@@ -33,11 +36,15 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, select
 from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from mailcore.queue.model import thd_domain_for
+from mailcore.queue.mtasts import PolicyFinder
 from mailcore.queue.settings import DEFAULT_TLS, QueueSettings, effective_tls
 from mailcore.store import Database
 from mailcore.store.schema import domains, users
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,10 @@ class Hop:
     # The hop to take instead when this one loops back to our own listeners: the served
     # hop of a domain that is served here but not vouched for (see the module's doc).
     loop_to: Hop | None = None
+    # The mode of the MTA-STS policy that chose this MX hop ("enforce", "testing"), and
+    # the domain whose it is; "" when none applies (mailcore.queue.mtasts).
+    sts: str = ""
+    sts_domain: str = ""
 
     def hosts(self) -> list[Hop]:
         """The hop of each host to try, in order, with no fallbacks of its own."""
@@ -144,6 +155,7 @@ class Router:
         settings: QueueSettings,
         resolver: MXResolver | None = None,
         local: LocalAddresses | None = None,
+        sts: PolicyFinder | None = None,
     ) -> None:
         self.db = db
         self.local = local
@@ -155,6 +167,8 @@ class Router:
         # Domain name -> (expiry, served domain id or None), for mail without a domain id.
         self._served: dict[str, tuple[float, int | None]] = {}
         self._lookups = DeferredSemaphore(MAX_LOOKUPS)
+        # The MTA-STS policies of MX routes (None: `[queue] mta_sts` is off).
+        self.sts = sts
 
     def _policy(self, domain_tls: str | None = None) -> str:
         """The domain's own TLS policy, or the `[queue] tls` default."""
@@ -273,9 +287,33 @@ class Router:
                 continue
             found.add((int(payload.preference), str(payload.name).rstrip(".").lower()))
         if not found:
-            return Hop(domain, 25, self._policy())
+            return await self._sts(domain, Hop(domain, 25, self._policy()))
         ranked = sorted(found)
         if ranked[0][1] in ("", "."):
             raise RoutingError(f"domain {domain} accepts no mail (null MX)", permanent=True)
         names = list(dict.fromkeys(name for _pref, name in ranked if name not in ("", ".")))
-        return Hop(names[0], 25, self._policy(), tuple(names[1:MAX_MX_HOSTS]))
+        return await self._sts(domain, Hop(names[0], 25, self._policy(),
+                                           tuple(names[1:MAX_MX_HOSTS])))
+
+    async def _sts(self, domain: str, hop: Hop) -> Hop:
+        """`hop`, the MX route of `domain`, as its MTA-STS policy has it (see the module
+        doc): under enforce only its matching hosts, STARTTLS required and verified."""
+        if self.sts is None or self._resolver is None:
+            return hop
+        policy = await self.sts.policy(domain, self._resolver)  # type: ignore[arg-type]
+        if policy is None or policy.mode == "none":
+            return hop
+        hosts = [hop.host, *hop.fallbacks]
+        matching = [h for h in hosts if policy.matches(h)]
+        if policy.mode == "testing":
+            if len(matching) < len(hosts):
+                log.warn("MTA-STS policy of {domain} (testing) does not list MX {hosts}; "
+                         "delivering as without a policy", domain=domain,
+                         hosts=", ".join(h for h in hosts if h not in matching))
+            return replace(hop, sts="testing", sts_domain=domain)
+        if not matching:
+            raise RoutingError(
+                f"no MX host of {domain} ({', '.join(hosts)}) is listed by its MTA-STS "
+                f"policy (enforce: {', '.join(policy.mx)})", status="4.7.5")
+        return replace(hop, host=matching[0], fallbacks=tuple(matching[1:]), tls="verify",
+                       sts="enforce", sts_domain=domain)

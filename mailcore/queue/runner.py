@@ -153,11 +153,16 @@ async def open_host(connector: Connector, hop: Hop, *, cleartext: bool = False,
     (mailcore.gateway.callout) both open their sessions here."""
     session = await connector.connect(hop)
     offered = "STARTTLS" in session.extensions
+    if hop.sts == "testing" and not offered:
+        log.warn("MTA-STS policy of {domain} (testing): {hop} offers no STARTTLS; "
+                 "delivering as without a policy", domain=hop.sts_domain, hop=hop.label)
     if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):
         why = "is required" if hop.tls == "verify" else "was offered"
+        if hop.sts == "enforce":
+            why = f"is required by the MTA-STS policy of {hop.sts_domain}"
         if not offered:
             session.abort()
-            raise SMTPClientError("4.7.5 TLS is required but the server offers no STARTTLS")
+            raise SMTPClientError(f"4.7.5 TLS {why} but the server offers no STARTTLS")
         try:
             await session.starttls(connector.tls_creator(hop, verify=True))
             connector.check_peer(session, hop)

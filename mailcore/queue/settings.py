@@ -38,6 +38,9 @@ relayhost = ""               # host[:port] for mail to domains not served (bounc
 tls = "verify-if-offered"    # outbound STARTTLS: none, may, verify-if-offered, verify
 tls_ca_file = ""             # PEM trust roots for verifying next hops [default: the system's]
 route_cache_seconds = 30.0   # a served domain's next hop is read again after this (0: always)
+mta_sts = true               # MTA-STS (RFC 8461) for mail routed by MX: a domain's enforce
+                             # policy allows only its listed MX hosts, over verified TLS
+                             # (mailcore.queue.mtasts)
 log_retention = 86400.0      # a delivered message stays visible to `mailcore queue show`
 # Which addresses a next hop may have (see below)
 allow_loopback = false       # 127.0.0.0/8 and ::1 (tests, a next hop on the same host)
@@ -131,6 +134,8 @@ class QueueSettings:
     tls: str = DEFAULT_TLS
     tls_ca_file: str = ""
     route_cache_seconds: float = 30.0
+    # MTA-STS (RFC 8461) for mail routed by MX (mailcore.queue.mtasts).
+    mta_sts: bool = True
     # Which addresses a next hop may have (see the module docstring).
     allow_loopback: bool = False
     allow_private: bool = False

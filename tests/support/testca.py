@@ -67,8 +67,10 @@ def shared_pki() -> PKI:
     return make_pki("Mailcore Test CA", ip_addresses=("127.0.0.1",))
 
 
-def make_pki(ca_common_name: str, *, ip_addresses: tuple[str, ...] = ()) -> PKI:
-    """A fresh CA and a server certificate it signed for DNS:localhost plus `ip_addresses`."""
+def make_pki(ca_common_name: str, *, ip_addresses: tuple[str, ...] = (),
+             dns_names: tuple[str, ...] = ("localhost",)) -> PKI:
+    """A fresh CA and a server certificate it signed for `dns_names` (DNS:localhost) plus
+    `ip_addresses`."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_common_name)])
@@ -105,7 +107,7 @@ def make_pki(ca_common_name: str, *, ip_addresses: tuple[str, ...] = ()) -> PKI:
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost")]
+                [x509.DNSName(name) for name in dns_names]
                 + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
             ),
             critical=False,

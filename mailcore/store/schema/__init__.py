@@ -37,6 +37,7 @@ from mailcore.store.schema.messages import (
     threads,
 )
 from mailcore.store.schema.meta import metadata
+from mailcore.store.schema.mtasts import mta_sts_policies
 from mailcore.store.schema.nodes import nodes
 from mailcore.store.schema.oauth import oauth_apps, oauth_codes, oauth_tokens
 from mailcore.store.schema.quarantine import quarantine, quarantine_digest_runs
@@ -77,6 +78,7 @@ __all__ = [
     "message_refs",
     "messages",
     "metadata",
+    "mta_sts_policies",
     "nodes",
     "oauth_apps",
     "oauth_codes",
