@@ -377,6 +377,12 @@ class RouterPolicyTests(TestCase):
         self.assertEqual(self.dns.asked_txt, ["_mta-sts.example.test"])
         self.assertEqual(self.fetcher.fetched, ["example.test"])
 
+    async def test_a_domain_that_is_no_host_name_is_never_looked_up(self) -> None:
+        for address in ("u@evil.test/x?", "u@evil_test.test", "u@-evil.test"):
+            hop = await self.router().route(None, address)
+            self.assertEqual(hop.sts, "")
+        self.assertEqual(self.dns.asked_txt, [])
+
     async def test_off_no_lookup_is_made(self) -> None:
         hop = await Router(self.db, self.clock, QueueSettings(mta_sts=False),
                            self.dns).route(None, "u@example.test")

@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from http.cookiejar import Cookie
 from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, select
+from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.endpoints import wrapClientTLS
@@ -78,6 +80,7 @@ MODES = ("enforce", "testing", "none")
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _PATTERN = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})+")
+_DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})+")
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
 
 
@@ -243,6 +246,16 @@ def _discard(response: Any) -> None:
     response.original.deliverBody(body)
 
 
+class _NoCookies(IndexableCookieJar):
+    """Policy hosts' cookies are never kept (nor sent to another host)."""
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
 class _PolicyEndpoints:
     """The endpoint of a policy host: only to addresses `policy` allows, over HTTPS whose
     certificate must verify against `trust` and name the host."""
@@ -289,7 +302,7 @@ class PolicyFetcher:
                                          trust, self.port, FETCH_TIMEOUT)
             agent = Agent.usingEndpointFactory(
                 self.reactor, endpoints, pool=HTTPConnectionPool(self.reactor, persistent=False))
-            self._client = HTTPClient(agent)
+            self._client = HTTPClient(agent, cookiejar=_NoCookies())
         return self._client
 
     def fetch(self, domain: str) -> Deferred[str]:
@@ -301,7 +314,7 @@ class PolicyFetcher:
     async def _fetch(self, domain: str) -> str:
         url = f"https://mta-sts.{domain}/.well-known/mta-sts.txt"
         try:
-            response = await self._http().get(url, allow_redirects=False)
+            response = await self._http().get(url, allow_redirects=False, unbuffered=True)
         except (defer.CancelledError, ConnectingCancelledError):
             raise defer.CancelledError() from None  # FETCH_TIMEOUT: fetch() says so
         except Exception as e:
@@ -347,7 +360,14 @@ class PolicyFinder:
         self._fetches = DeferredSemaphore(MAX_FETCHES)
 
     async def policy(self, domain: str, resolver: TXTResolver) -> Policy | None:
-        """`domain`'s policy in force (mode none included), or None."""
+        """`domain`'s policy in force (mode none included), or None (a domain that is no
+        host name has none: it makes no URL)."""
+        try:
+            domain = domain.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            return None
+        if not _DOMAIN.fullmatch(domain):
+            return None
         now = self.clock.seconds()
         kept = self._memory.get(domain)
         if kept is not None and kept[0] > now:
