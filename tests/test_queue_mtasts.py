@@ -441,7 +441,7 @@ class QueuePolicyTests(QueueTestCase):
         self.assertEqual(len(self.connector.delivered), 1)
 
 
-BEFORE = "0068_recipient_verdicts"  # the revision 0070_mta_sts_policies builds on
+BEFORE = "0069_ids_never_reused"  # the revision 0070_mta_sts_policies builds on
 
 
 def thd_tables(conn: sa.Connection) -> set[str]:

@@ -7,7 +7,7 @@ it goes (the policies are fetched again; until then a downgrade attack on a doma
 policy was cached is not noticed).
 
 Revision ID: 0070_mta_sts_policies
-Revises: 0068_recipient_verdicts
+Revises: 0069_ids_never_reused
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0070_mta_sts_policies"
-down_revision = "0068_recipient_verdicts"
+down_revision = "0069_ids_never_reused"
 branch_labels = None
 depends_on = None
 
