@@ -1,6 +1,7 @@
 """The spool's commit stream on a real threaded SQLite: it lingers for the next accept and
-gives the lane up at once when a chore, due results or a drain want it; under load it waits
-for a fuller group, and when mail trickles in it does not."""
+gives the lane up at once when a chore, due results or a drain want it (results it can take
+with its next group wait for it until RESULTS_DELAY); under load it waits for a fuller
+group, and when mail trickles in it does not."""
 
 from __future__ import annotations
 
@@ -80,6 +81,16 @@ class LingeringStreamTests(StreamTestCase):
         while self.spool._results or self.spool._busy:
             await sleep(0.01)  # written once due (RESULTS_DELAY), not after the linger
         self.assertEqual(self.spool.streams, 1)
+
+    async def test_results_ride_with_the_next_accept_of_a_lingering_stream(self) -> None:
+        # The lane looks quiet (nothing pending, no load), but the stream that lingers
+        # takes the results with its next group: no results transaction, no new stream.
+        await self.accept("Q1")
+        await sleep(0.05)  # the stream is now waiting for more
+        self.spool.record([Result(1, "Q1", DELIVERED, "250 ok")])
+        await self.accept("Q2")
+        self.assertEqual((self.spool.commits, self.spool.streams), (2, 1))
+        self.assertFalse(self.spool._results)
 
     async def test_drain_ends_the_linger(self) -> None:
         await self.accept("Q1")

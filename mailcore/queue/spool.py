@@ -25,8 +25,9 @@ stores it, with those handed in by `charge`, in one call for the group (a charge
 raises fails the group: a message is never stored without its charge); the recipients it
 paid for are stored `charged`, which is the record of that charge (for a retry, a restart
 or another node) and how the runner learns it. Delivery results (`record`)
-ride along in the next group commit while mail streams in; when the lane is quiet they get
-their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
+ride along in the next group commit while mail streams in, or while a commit stream runs
+(it takes them with its next group, or ends after its linger); when the lane is quiet they
+get their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
 oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk
 (see `relaxed_twin`). These waits cost no duplicates when the process dies: a final
 result is written to the results journal (`mailcore.queue.journal`) as it is handed in,
@@ -420,6 +421,7 @@ class Spool:
         self.charger: Charger | None = None
         self._charge_requests: deque[_ChargeRequest] = deque()  # as `_riders`
         self._busy = False
+        self._streaming = False  # the lane's turn (while _busy) is a commit stream
         self._idle: list[defer.Deferred[None]] = []
         self._retry: IDelayedCall | None = None
         self._results_since = 0.0
@@ -717,8 +719,13 @@ class Spool:
         results_ready = bool(self._results) and not (
             self._retry is not None and self._retry.active()
         )
+        # A commit stream that runs takes the results waiting with its next group, or ends
+        # after its linger (then they are written): it is not stopped for them only because
+        # the lane looks quiet (no accept pending at this instant, which under load is true
+        # after each group the stream takes). Stopping it cost a results transaction and a
+        # new stream, two trips to the pool threads, every few groups.
         results_due = results_ready and (
-            (not self._pending and not self._under_load())
+            (not self._pending and not self._streaming and not self._under_load())
             or self._flushing
             or len(self._results) >= RESULTS_BATCH
             or self.clock.seconds() - self._results_since >= RESULTS_DELAY
@@ -741,6 +748,7 @@ class Spool:
             _start(self._write_results(results))
         elif self._pending or self._riders or self._charge_requests:
             self._busy = True
+            self._streaming = True
             _start(self._commit_stream())
         elif not self._results:
             if self._results_timer is not None and self._results_timer.active():
@@ -777,7 +785,7 @@ class Spool:
         except Exception:  # pragma: no cover - the stream reports failures through _committed
             log.failure("spool commit stream failed")
         finally:
-            self._busy = False
+            self._busy = self._streaming = False
             self._kick()
 
     def _take_results(self) -> list[_Entry]:
