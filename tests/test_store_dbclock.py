@@ -85,6 +85,23 @@ class DaemonClockTests(TestCase):
         self.assertEqual(warned, [])
 
 
+class SecondsTests(TestCase):
+
+    def test_with_no_offset_seconds_is_the_reactors_own(self) -> None:
+        # (read many times per relayed message: no call of ours around the reactor's)
+        reactor = Clock()
+        reactor.advance(1000.0)
+        time = DatabaseTime(reactor)
+        self.assertEqual(time.seconds, reactor.seconds)
+        time.offset = 5.0
+        self.assertEqual(time.seconds(), 1005.0)
+        reactor.advance(1.0)
+        self.assertEqual(time.seconds(), 1006.0)
+        time.offset = 0.0
+        self.assertEqual(time.seconds, reactor.seconds)
+        self.assertEqual(time.seconds(), 1001.0)
+
+
 class FollowTests(TestCase):
     timeout = 60
 

@@ -57,8 +57,24 @@ class DatabaseTime:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)
 
+    @property
+    def offset(self) -> float:
+        """The database server's clock minus the reactor's (seconds)."""
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: float) -> None:
+        # `seconds` is read many times per relayed message (timers, leases, the spool,
+        # the SMTP sessions): with no offset (SQLite, or a node in step with PostgreSQL)
+        # it is the reactor's own, with no call of ours around it.
+        self._offset = value
+        if value:
+            self.__dict__.pop("seconds", None)
+        else:
+            self.seconds = self._reactor.seconds  # type: ignore[method-assign]
+
     def seconds(self) -> float:
-        return self._reactor.seconds() + self.offset
+        return self._reactor.seconds() + self._offset
 
     def callLater(self, delay: float, callable: Any, *args: object,
                   **kwargs: object) -> IDelayedCall:
