@@ -14,10 +14,12 @@ HostileServerTests runs the whole engine against a scripted server on a real loo
 from __future__ import annotations
 
 import datetime
+import random
 import time
 import tracemalloc
 from collections.abc import Sequence
 from email.utils import format_datetime
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -350,6 +352,49 @@ class ShortLineUnitTests(TestCase):
         session.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(str(failure_of(d)),
                          f"fake sent a line longer than {POP3Session.MAX_LENGTH}")
+
+    def test_random_replies_cut_at_random_read_as_a_line_at_a_time(self) -> None:
+        # Against Twisted's reading a line at a time (a line beginning ".." loses one
+        # "."): dot lines, a CR or LF alone, NUL, a CRLF or the ending ".\r\n" cut by a
+        # read, messages over max_message (skipped, or the session dropped past twice it).
+        rnd = random.Random(47)
+        pieces = [b"a", b"b", b".", b"..", b"\r", b"\n", b"\0", b"\r.", b"\n..", b"x" * 30]
+        for case in range(300):
+            limit = (40, 120, 1 << 20)[case % 3]
+            body = b"".join(b"".join(rnd.choices(pieces, k=rnd.randrange(6))) + b"\r\n"
+                            for _ in range(rnd.randrange(12)))
+            # Its lines as the server cuts them ("\r" and "\n.." make a CRLF too), none
+            # the line "." (a server stuffs it).
+            lines = [b".." if line == b"." else line for line in body.split(b"\r\n")[:-1]]
+            sent = b"+OK\r\n" + b"".join(line + b"\r\n" for line in lines) + b".\r\n"
+            expected = b"".join((line[1:] if line.startswith(b"..") else line) + b"\r\n"
+                                for line in lines)
+            cuts = sorted(rnd.sample(range(1, len(sent)), rnd.randrange(min(len(sent), 16))))
+            if case % 10 == 0:
+                cuts = list(range(1, len(sent)))
+            bounds = [0, *cuts, len(sent)]
+            top = case % 4 == 3
+            session, transport = connected(max_message=limit)
+            d = defer.Deferred.fromCoroutine(
+                session.header(0) if top else session.retrieve_bytes(0))
+            for start, stop in pairwise(bounds):
+                session.dataReceived(sent[start:stop])
+            what = (case, sent, cuts)
+            if len(expected) > 2 * limit:
+                self.assertTrue(transport.disconnecting, what)
+                self.assertIsInstance(session.error, MessageTooLarge, what)
+                session.connectionLost(Failure(ConnectionDone()))
+                self.assertIsInstance(failure_of(d), MessageTooLarge)
+                continue
+            if len(expected) > limit:
+                self.assertIsInstance(failure_of(d), MessageTooLarge)
+            else:
+                self.assertEqual(self.successResultOf(d), expected, what)
+            self.assertIsNone(session.error, what)
+            confirmed = defer.Deferred.fromCoroutine(session.confirm())
+            session.dataReceived(b"+OK\r\n")
+            self.assertIsNone(self.successResultOf(confirmed))
+            self.assertFalse(transport.disconnecting, what)
 
 
 class OutOfStepUnitTests(TestCase):
