@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Table, delete, func, insert, select, text
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from mailcore.messages.sql import allocate_ids
 from mailcore.store import Database
 from mailcore.store.migrate import downgrade_to, upgrade_to
 from mailcore.store.schema import (
@@ -190,6 +191,20 @@ class RowIdMigrationMixin(DatabaseMixin):
                 self.assertGreater(made, ids[f"named:{table}"], table)
             await db.run("delete", thd_delete, table, made)
             self.assertGreater(await db.run("make again", make, ids), made, table)
+
+    async def test_the_message_stores_batches_take_no_deleted_id(self) -> None:
+        """A sync writes its messages and threads with ids it allocates (allocate_ids: one
+        multi-row INSERT a batch), not with the column's default: the id of a deleted newest
+        row is not allocated again either."""
+        db, ids = await self.at_0068_migrated()
+        for table in (messages, threads):
+            newest = ids[f"newest:{table.name}"]
+            await db.run("delete", thd_delete, table.name, newest)
+            given = await db.run("allocate", allocate_ids, table, 2)
+            self.assertEqual(given, [given[0], given[0] + 1], table.name)
+            self.assertGreater(given[0], newest, table.name)
+            if self.backend == "sqlite" and f"named:{table.name}" in ids:
+                self.assertGreater(given[0], ids[f"named:{table.name}"], table.name)
 
     async def test_rows_and_ids_are_kept(self) -> None:
         db, ids = await self.at_0068_migrated()

@@ -29,8 +29,10 @@ def allocate_ids(conn: Connection, table: Table, count: int) -> list[int]:
     so that a batch is written with one multi-row INSERT instead of one per row.
 
     PostgreSQL: taken from the column's sequence (as its default would). SQLite: the keys
-    after the largest, as SQLite itself picks them (no AUTOINCREMENT); the store's write
-    transactions start with BEGIN IMMEDIATE, so no other writer comes in between.
+    after the largest, as SQLite itself picks them; for a table with AUTOINCREMENT (messages
+    and threads, migration 0069) after the largest ever given too (`sqlite_sequence`), or
+    the id of a deleted newest row would be given again. The store's write transactions
+    start with BEGIN IMMEDIATE, so no other writer comes in between.
     """
     if count <= 0:
         return []
@@ -39,8 +41,12 @@ def allocate_ids(conn: Connection, table: Table, count: int) -> list[int]:
             text("SELECT nextval(pg_get_serial_sequence(:t, 'id')) FROM generate_series(1, :n)"),
             {"t": table.name, "n": count},
         ).scalars())
-    first = int(conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar() or 0) + 1
-    return list(range(first, first + count))
+    last = int(conn.execute(select(func.coalesce(func.max(table.c.id), 0))).scalar() or 0)
+    if table.dialect_options["sqlite"]["autoincrement"]:
+        given = conn.execute(text("SELECT seq FROM sqlite_sequence WHERE name = :t"),
+                             {"t": table.name}).scalar()
+        last = max(last, int(given or 0))
+    return list(range(last + 1, last + 1 + count))
 
 
 # Rows per multi-row INSERT on SQLite (also bounded by its limit on bound parameters).
