@@ -260,6 +260,19 @@ def _migrate_at_once(url: str, processes: int = 2) -> list[str]:
 class SQLiteMigrationTests(MigrationTestsMixin, TestCase):
     backend = "sqlite"
 
+    async def test_autoincrement_is_where_the_schema_declares_it(self) -> None:
+        """Autogenerate does not compare `sqlite_autoincrement`, and allocate_ids reads it
+        from the schema to skip ids given before: the migrated tables with AUTOINCREMENT
+        are exactly those the schema declares so."""
+        db = await self._migrated()
+        migrated = await db.read("autoincrement", lambda conn: set(conn.execute(text(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND sql LIKE '%AUTOINCREMENT%'")).scalars()))
+        declared = {table.name for table in schema.metadata.tables.values()
+                    if table.dialect_options["sqlite"]["autoincrement"]}
+        self.assertEqual(migrated, declared)
+        self.assertIn("messages", declared)
+
     async def test_the_check_at_head_takes_no_write_lock(self) -> None:
         """Each command checks the schema while the daemon writes: the check reads, with
         a plain BEGIN, and never waits for the daemon's write lock (BEGIN IMMEDIATE)."""
