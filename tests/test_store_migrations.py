@@ -6,6 +6,7 @@ column for column, index for index. Each test runs on both backends.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -259,6 +260,17 @@ def _migrate_at_once(url: str, processes: int = 2) -> list[str]:
 
 class SQLiteMigrationTests(MigrationTestsMixin, TestCase):
     backend = "sqlite"
+
+    async def test_a_migration_gives_its_wal_back(self) -> None:
+        """A migration's writes go through the WAL (0069's table rebuilds: about twice the
+        tables), and SQLite keeps the file at its largest while a connection is open: the
+        daemon, which keeps its connections, held it for as long as it ran."""
+        db = await self.open_database(migrate=False)
+        await threads.deferToThread(upgrade_to, db.engine, "head")
+        database = db.engine.url.database
+        assert database is not None
+        self.assertEqual(await threads.deferToThread(os.path.getsize, database + "-wal"), 0)
+        self.assertTrue(await threads.deferToThread(at_newest_revision, db.engine))
 
     async def test_autoincrement_is_where_the_schema_declares_it(self) -> None:
         """Autogenerate does not compare `sqlite_autoincrement`, and allocate_ids reads it

@@ -209,6 +209,23 @@ def upgrade_to(engine: Engine, revision: str) -> None:
             except CommandError as e:
                 reason = first_line(str(e)) or type(e).__name__
                 raise ConfigError(f"cannot migrate the database: {reason}") from None
+        _give_back_wal(conn)
+
+
+def _give_back_wal(conn: Connection) -> None:
+    """SQLite: copy the WAL into the database and cut the file to nothing. A migration's
+    writes all go through the WAL, a table rebuilt twice over (its copy, and its old pages
+    zeroed by secure_delete, on in Debian's SQLite): about twice the table and its
+    indexes, and SQLite keeps the file at its largest size while a connection is open, so
+    a daemon held it for as long as it ran. Outside a transaction (the driver's own
+    statement: SQLAlchemy's would begin one, in which no checkpoint runs); a reader still
+    in the WAL (a command starting) is waited for up to the busy timeout, then the file
+    is left as it is."""
+    if conn.dialect.name != "sqlite":
+        return
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    driver.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _replace_domain_generation(conn: Connection) -> None:
