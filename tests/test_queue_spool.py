@@ -396,3 +396,24 @@ class SpoolTests(TestCase):
         # Q2's own result, recorded once the lane was quiet, got a transaction.
         self.assertEqual(self.db.transactions.count("queue_results"), 1)
         self.q.runner.running = False
+
+    def test_results_left_waiting_when_a_burst_ends_are_written_once_due(self) -> None:
+        """Results recorded while a group of a burst commits, whose results timer fired
+        before they were due (it was set for earlier ones, which rode along), are written
+        RESULTS_DELAY after they were recorded, not only when the lane next stirs."""
+        spool = self.q.spool
+        first = self.accept("Q0")
+        burst = [self.accept(f"Q{i}") for i in range(1, 51)]
+        spool.record([Result(1, "Q0", DELIVERED, "250 ok")])  # rides with the burst
+        self.db.release()
+        self.successResultOf(first)
+        self.clock.advance(0.05)
+        spool.record([Result(2, "Q1", DELIVERED, "250 ok")])  # while the burst commits
+        self.db.release()
+        for d in burst:
+            self.successResultOf(d)
+        self.assertEqual(self.db.group_results, [0, 1])
+        self.clock.advance(0.05)  # the timer set for the first result: too early for this
+        self.clock.advance(0.1)
+        self.assertFalse(spool._results)
+        self.assertEqual(self.db.transactions.count("queue_results"), 1)

@@ -758,6 +758,14 @@ class Spool:
             idle, self._idle = self._idle, []
             for d in idle:
                 d.callback(None)
+        elif results_ready and (self._results_timer is None
+                                or not self._results_timer.active()):
+            # Results not due yet (mail was streaming in) with the lane idle: the timer
+            # set by `record` may have fired for earlier ones, which rode along; without
+            # one these would wait for the lane's next turn, however far off.
+            self._results_timer = self.clock.callLater(
+                max(0.0, self._results_since + RESULTS_DELAY - self.clock.seconds()),
+                self._kick)
 
     async def _run_chore(self, chore: _Chore) -> None:
         try:
