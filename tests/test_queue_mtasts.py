@@ -28,6 +28,7 @@ from mailcore.queue.model import thd_show
 from mailcore.queue.mtasts import (
     FETCH_TIMEOUT,
     MAX_AGE_LIMIT,
+    TXT_TIMEOUT,
     Policy,
     PolicyError,
     PolicyFetcher,
@@ -376,6 +377,33 @@ class RouterPolicyTests(TestCase):
         self.assertEqual({h.tls for h in hops}, {"verify"})
         self.assertEqual(self.dns.asked_txt, ["_mta-sts.example.test"])
         self.assertEqual(self.fetcher.fetched, ["example.test"])
+
+    async def test_a_txt_lookup_that_never_ends_is_given_up_on_and_remembered(self) -> None:
+        """A domain whose name servers drop `_mta-sts` queries: its mail waits TXT_TIMEOUT,
+        not twisted.names' minute, goes as without a policy, and the next message within
+        route_cache_seconds of the answer waits for no lookup of its own."""
+        router = self.router()
+        self.dns.hold = defer.Deferred()  # never answered
+        first = defer.Deferred.fromCoroutine(router.route(None, "u@example.test"))
+        self.clock.advance(TXT_TIMEOUT)
+        hop = self.successResultOf(first)
+        self.assertEqual((hop.host, hop.sts), ("mx1.example.test", ""))
+        self.clock.advance(1)
+        hop = await router.route(None, "v@example.test")
+        self.assertEqual(hop.sts, "")
+        self.assertEqual(self.dns.asked_txt, ["_mta-sts.example.test"])
+        self.assertEqual(self.fetcher.fetched, [])
+
+    async def test_a_slow_answer_is_remembered_from_when_it_came(self) -> None:
+        router = self.router(route_cache_seconds=5.0)
+        self.dns.hold = defer.Deferred()
+        first = defer.Deferred.fromCoroutine(router.route(None, "u@example.test"))
+        self.clock.advance(8)  # longer than route_cache_seconds, within TXT_TIMEOUT
+        self.dns.hold.callback(None)
+        self.assertEqual(self.successResultOf(first).sts, "enforce")
+        self.clock.advance(1)
+        await router.route(None, "v@example.test")
+        self.assertEqual(self.dns.asked_txt, ["_mta-sts.example.test"])
 
     async def test_a_domain_that_is_no_host_name_is_never_looked_up(self) -> None:
         for address in ("u@evil.test/x?", "u@evil_test.test", "u@-evil.test"):

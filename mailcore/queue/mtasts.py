@@ -6,7 +6,8 @@ MX (never a served domain's redirect, its own TLS override, nor the relayhost), 
 domain publishes a policy, as Postfix with postfix-mta-sts-resolver does:
 
 - discovery: the TXT record `_mta-sts.<domain>` (`v=STSv1; id=...;`, through the router's
-  own twisted.names resolver); none, or more than one, is no policy (3.1);
+  own twisted.names resolver, TXT_TIMEOUT at most); none, or more than one, is no policy
+  (3.1);
 - the policy: `https://mta-sts.<domain>/.well-known/mta-sts.txt`, fetched with treq over
   HTTPS whose certificate must verify against the trust roots (`tls_ca_file`, else the
   system's) and name the policy host, to the addresses the next-hop address policy allows
@@ -73,6 +74,10 @@ MAX_AGE_LIMIT = 31557600
 # TXT lookups and policy fetches under way at once at most; the others wait.
 MAX_LOOKUPS = 20
 MAX_FETCHES = 10
+# A TXT lookup at most (seconds): past it the domain has no new policy (a cached one holds).
+# twisted.names' own retries take a minute per name server, and every message to a domain
+# whose servers drop `_mta-sts` queries would wait that long before going as it always did.
+TXT_TIMEOUT = 10.0
 # Domains whose answer is kept in memory at most (then the memory starts again).
 _MEMORY_LIMIT = 4096
 MODES = ("enforce", "testing", "none")
@@ -392,8 +397,11 @@ class PolicyFinder:
         return found
 
     async def _discover(self, domain: str, resolver: TXTResolver) -> Policy | None:
+        found = await self._find(domain, resolver, self.clock.seconds())
+        # Kept from when the answer came, not from when it was asked: a lookup that took
+        # longer than route_cache_seconds was otherwise never kept, and each message waited
+        # for one again.
         now = self.clock.seconds()
-        found = await self._find(domain, resolver, now)
         if len(self._memory) >= _MEMORY_LIMIT:
             self._memory.clear()
         keep = self.settings.route_cache_seconds
@@ -408,7 +416,8 @@ class PolicyFinder:
             cached = None
         try:
             policy_id = await self._lookups.run(
-                lambda: Deferred.fromCoroutine(self._txt(resolver, domain)))
+                lambda: Deferred.fromCoroutine(self._txt(resolver, domain)).addTimeout(
+                    TXT_TIMEOUT, self.clock))
         except Exception as e:
             log.info("MTA-STS TXT lookup for {domain} failed ({error})", domain=domain,
                      error=str(e))
