@@ -77,6 +77,14 @@ class ParseTests(TestCase):
             with self.assertRaises(PolicyError, msg=text):
                 parse_policy(text, "id1", 0.0)
 
+    def test_extension_fields_are_ignored(self) -> None:
+        """RFC 8461 3.2: an extension's name may hold `-` and `.`; unknown, it is ignored,
+        and the policy holds (refused, the domain went as without one)."""
+        for extra in ("x-report: yes\n", "ext.v2: a b\n", "foo_bar:\n"):
+            self.assertEqual(parse_policy(ENFORCE + extra, "id1", 0.0).mode, "enforce")
+        with self.assertRaises(PolicyError):
+            parse_policy(ENFORCE + "-x: 1\n", "id1", 0.0)
+
     def test_mode_none_needs_no_mx(self) -> None:
         self.assertEqual(parse_policy("version: STSv1\nmode: none\nmax_age: 60\n", "a", 0).mode,
                          "none")

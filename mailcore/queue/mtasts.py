@@ -87,6 +87,7 @@ _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _PATTERN = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})+")
 _DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})+")
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
+_FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
 class PolicyError(Exception):
@@ -152,7 +153,9 @@ def parse_policy(text: str, policy_id: str, now: float) -> Policy:
             continue
         key, sep, value = line.partition(":")
         key, value = key.strip(), value.strip(" \t")
-        if not sep or not re.fullmatch(r"[A-Za-z0-9_]{1,32}", key):
+        # Field names (3.2: sts-policy-ext-name), an extension's included: one unknown to
+        # us is ignored, never the policy.
+        if not sep or not _FIELD.fullmatch(key):
             raise PolicyError(f"malformed line {line[:80]!r}")
         if key == "mx":
             pattern = value.rstrip(".").lower()
