@@ -316,6 +316,20 @@ class RouterPolicyTests(TestCase):
         self.assertEqual(caught.exception.status, "4.7.5")
         self.assertIn("MTA-STS", str(caught.exception))
 
+    async def test_enforce_finds_a_listed_mx_past_the_first_five(self) -> None:
+        """The MX hosts are cut to MAX_MX_HOSTS after those the policy does not list are
+        left out, not before (a domain whose listed MX came sixth was deferred 4.7.5)."""
+        rogues = [(10 + i, f"rogue{i}.attacker.test") for i in range(6)]
+        self.dns.mx["example.test"] = [*rogues, (30, "mx1.example.test"),
+                                       *((40 + i, f"m{i}.mail.example.test") for i in range(6))]
+        hop = await self.router().route(None, "u@example.test")
+        self.assertEqual((hop.host, hop.fallbacks, hop.tls), (
+            "mx1.example.test", tuple(f"m{i}.mail.example.test" for i in range(4)), "verify"))
+        # Without a policy, the first five as before.
+        self.dns.mx["other.test"] = self.dns.mx["example.test"]
+        hop = await self.router().route(None, "u@other.test")
+        self.assertEqual([hop.host, *hop.fallbacks], [h for _p, h in rogues[:5]])
+
     async def test_testing_mode_routes_as_without_a_policy(self) -> None:
         self.fetcher.texts["example.test"] = ENFORCE.replace("enforce", "testing")
         hop = await self.router().route(None, "u@example.test")

@@ -292,18 +292,22 @@ class Router:
         if ranked[0][1] in ("", "."):
             raise RoutingError(f"domain {domain} accepts no mail (null MX)", permanent=True)
         names = list(dict.fromkeys(name for _pref, name in ranked if name not in ("", ".")))
-        return await self._sts(domain, Hop(names[0], 25, self._policy(),
-                                           tuple(names[1:MAX_MX_HOSTS])))
+        # Every MX host to _sts, which keeps MAX_MX_HOSTS of them once it has left out
+        # those an enforce policy does not list (a listed sixth is not lost).
+        return await self._sts(domain, Hop(names[0], 25, self._policy(), tuple(names[1:])))
 
     async def _sts(self, domain: str, hop: Hop) -> Hop:
         """`hop`, the MX route of `domain`, as its MTA-STS policy has it (see the module
-        doc): under enforce only its matching hosts, STARTTLS required and verified."""
+        doc): under enforce only its matching hosts, STARTTLS required and verified; at
+        most MAX_MX_HOSTS hosts in all."""
+        hosts = [hop.host, *hop.fallbacks]
+        hop = replace(hop, fallbacks=hop.fallbacks[:MAX_MX_HOSTS - 1])
         if self.sts is None or self._resolver is None:
             return hop
         policy = await self.sts.policy(domain, self._resolver)  # type: ignore[arg-type]
         if policy is None or policy.mode == "none":
             return hop
-        hosts = [hop.host, *hop.fallbacks]
+        hosts = hosts[:MAX_MX_HOSTS] if policy.mode == "testing" else hosts
         matching = [h for h in hosts if policy.matches(h)]
         if policy.mode == "testing":
             if len(matching) < len(hosts):
@@ -315,5 +319,5 @@ class Router:
             raise RoutingError(
                 f"no MX host of {domain} ({', '.join(hosts)}) is listed by its MTA-STS "
                 f"policy (enforce: {', '.join(policy.mx)})", status="4.7.5")
-        return replace(hop, host=matching[0], fallbacks=tuple(matching[1:]), tls="verify",
-                       sts="enforce", sts_domain=domain)
+        return replace(hop, host=matching[0], fallbacks=tuple(matching[1:MAX_MX_HOSTS]),
+                       tls="verify", sts="enforce", sts_domain=domain)
