@@ -27,7 +27,9 @@ from mailcore.config import Config, ConfigError
 from mailcore.queue.model import thd_show
 from mailcore.queue.mtasts import (
     FETCH_TIMEOUT,
+    FETCH_WAIT,
     MAX_AGE_LIMIT,
+    MAX_FETCHES,
     TXT_TIMEOUT,
     Policy,
     PolicyError,
@@ -426,6 +428,30 @@ class RouterPolicyTests(TestCase):
         self.clock.advance(1)
         await router.route(None, "v@example.test")
         self.assertEqual(self.dns.asked_txt, ["_mta-sts.example.test"])
+
+    async def test_a_fetch_waits_for_a_slot_no_longer_than_fetch_wait(self) -> None:
+        """Policy hosts that never answer hold every fetch slot: another domain's route
+        comes within FETCH_WAIT, as without a new policy (before, it waited for a slot
+        for as long as they held them)."""
+        router = self.router()
+        hanging: list[defer.Deferred[str]] = []
+
+        def fetch(domain: str) -> defer.Deferred[str]:
+            self.fetcher.fetched.append(domain)
+            hanging.append(defer.Deferred())
+            return hanging[-1]
+
+        self.fetcher.fetch = fetch  # type: ignore[method-assign]
+        for i in range(MAX_FETCHES + 1):
+            self.dns.mx[f"d{i}.test"] = [(10, f"mx.d{i}.test")]
+            self.dns.txt[f"_mta-sts.d{i}.test"] = ["v=STSv1; id=one;"]
+        routes = [defer.Deferred.fromCoroutine(router.route(None, f"u@d{i}.test"))
+                  for i in range(MAX_FETCHES + 1)]
+        self.assertEqual(len(self.fetcher.fetched), MAX_FETCHES)  # the last one waits
+        self.clock.advance(FETCH_WAIT)
+        for route in routes:
+            self.assertEqual(self.successResultOf(route).sts, "")
+        self.assertTrue(all(d.called for d in hanging))  # cancelled, their slots free
 
     async def test_a_domain_that_is_no_host_name_is_never_looked_up(self) -> None:
         for address in ("u@evil.test/x?", "u@evil_test.test", "u@-evil.test"):

@@ -78,6 +78,11 @@ MAX_FETCHES = 10
 # twisted.names' own retries take a minute per name server, and every message to a domain
 # whose servers drop `_mta-sts` queries would wait that long before going as it always did.
 TXT_TIMEOUT = 10.0
+# A policy fetch at most, its wait for one of the MAX_FETCHES slots included (seconds): past
+# it the domain has no new policy (a cached one holds). Policy hosts that answer slowly (a
+# hostile wildcard domain's, say) otherwise made every other domain's fetch wait its turn
+# without end, and that domain's mail with it.
+FETCH_WAIT = 2 * FETCH_TIMEOUT
 # Domains whose answer is kept in memory at most (then the memory starts again).
 _MEMORY_LIMIT = 4096
 MODES = ("enforce", "testing", "none")
@@ -430,7 +435,8 @@ class PolicyFinder:
         if cached is not None and cached.policy_id == policy_id:
             return cached
         try:
-            text = await self._fetches.run(self.fetcher.fetch, domain)
+            text = await self._fetches.run(self.fetcher.fetch, domain).addTimeout(
+                FETCH_WAIT, self.clock)
             fetched = parse_policy(text, policy_id, self.clock.seconds())
         except (PolicyError, defer.TimeoutError, defer.CancelledError) as e:
             log.warn("MTA-STS policy of {domain} not taken: {error}{kept}", domain=domain,
