@@ -30,6 +30,7 @@ from mailcore.queue.mtasts import (
     FETCH_WAIT,
     MAX_AGE_LIMIT,
     MAX_FETCHES,
+    MAX_MX_PATTERNS,
     TXT_TIMEOUT,
     Policy,
     PolicyError,
@@ -86,6 +87,16 @@ class ParseTests(TestCase):
             self.assertEqual(parse_policy(ENFORCE + extra, "id1", 0.0).mode, "enforce")
         with self.assertRaises(PolicyError):
             parse_policy(ENFORCE + "-x: 1\n", "id1", 0.0)
+
+    def test_a_policy_with_too_many_mx_patterns_is_refused(self) -> None:
+        """Each policy is kept in memory and in the store: 64 KiB of patterns were ~0.4 MB
+        of memory per hostile domain; MAX_MX_PATTERNS distinct ones at most (a repeated
+        one counts once)."""
+        head = "version: STSv1\nmode: enforce\nmax_age: 600\n"
+        most = "".join(f"mx: m{i}.example.test\n" for i in range(MAX_MX_PATTERNS))
+        self.assertEqual(len(parse_policy(head + most * 2, "a", 0).mx), MAX_MX_PATTERNS)
+        with self.assertRaises(PolicyError):
+            parse_policy(head + most + "mx: one.more.test\n", "a", 0)
 
     def test_mode_none_needs_no_mx(self) -> None:
         self.assertEqual(parse_policy("version: STSv1\nmode: none\nmax_age: 60\n", "a", 0).mode,

@@ -69,6 +69,12 @@ log = Logger()
 MAX_POLICY_BYTES = 64 * 1024
 # A policy fetch, connection, TLS and body together, at most (seconds).
 FETCH_TIMEOUT = 20.0
+# mx patterns a policy may have at most (their distinct values); one with more is no policy.
+# Real policies list a handful; 64 KiB of `mx: a.b` lines are 8,000, and each policy is
+# kept in memory (_MEMORY_LIMIT domains) and in a store row that outlives the message:
+# a hostile wildcard domain, reached by bounces to its random subdomains, held ~0.4 MB of
+# memory and 64 KiB of store per subdomain.
+MAX_MX_PATTERNS = 64
 # max_age's ceiling (RFC 8461 3.2: 31557600 s, about a year).
 MAX_AGE_LIMIT = 31557600
 # TXT lookups and policy fetches under way at once at most; the others wait.
@@ -179,8 +185,10 @@ def parse_policy(text: str, policy_id: str, now: float) -> Policy:
         raise PolicyError(f"max_age {age[:20]!r} is not a number of seconds")
     if mode != "none" and not mx:
         raise PolicyError(f"mode {mode} without any mx")
-    return Policy(policy_id, mode, tuple(dict.fromkeys(mx)), min(int(age), MAX_AGE_LIMIT),
-                  now)
+    patterns = tuple(dict.fromkeys(mx))
+    if len(patterns) > MAX_MX_PATTERNS:
+        raise PolicyError(f"{len(patterns)} mx patterns, more than {MAX_MX_PATTERNS}")
+    return Policy(policy_id, mode, patterns, min(int(age), MAX_AGE_LIMIT), now)
 
 
 def thd_read_policy(conn: Connection, domain: str) -> Policy | None:
