@@ -11,8 +11,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from mailcore.queue import spool as spool_module
 from mailcore.queue.model import DELIVERED, Result
-from mailcore.queue.spool import RETRY_DELAY, SpoolError, Withdrawn
+from mailcore.queue.spool import RETRY_DELAY, SpoolError, Withdrawn, thd_record_results
 from mailcore.store.schema import queue_messages, queue_recipients
 from tests.support.db import synchronous_database
 from tests.support.logs import logged
@@ -395,6 +396,50 @@ class SpoolTests(TestCase):
         self.assertEqual(self.db.group_results, [0, 1])
         # Q2's own result, recorded once the lane was quiet, got a transaction.
         self.assertEqual(self.db.transactions.count("queue_results"), 1)
+        self.q.runner.running = False
+
+    def test_results_that_fail_in_a_group_commit_cost_no_accept(self) -> None:
+        """Results that fail in the group commit they ride along in (a deadlock with another
+        node's sweeper, a DSN that cannot be built) are given back and tried again later,
+        as a results transaction of their own is; the group's messages are stored and
+        their callers answered. They failed the whole group: every SMTP client in it got
+        451, and the next group took them again."""
+        lines = logged(self, lambda e: e.get("log_namespace") == "mailcore.queue.spool")
+        failing = [True]
+
+        def record_results(conn: Any, *args: Any, **kw: Any) -> Any:
+            dsns = thd_record_results(conn, *args, **kw)  # its writes are undone
+            if failing[0]:
+                raise ValueError("cannot build the DSN")
+            return dsns
+
+        self.patch(spool_module, "thd_record_results", record_results)
+        spool = self.q.spool
+        self.q.runner.start()
+        first = self.accept("Q1")
+        second = self.accept("Q2")
+        self.db.release()  # Q1 commits and is delivered at once by the scripted hop
+        self.successResultOf(first)
+        self.db.release()  # Q2's group, carrying Q1's result, which fails
+        self.successResultOf(second)
+        self.assertEqual(self.db.group_results, [0, 1])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertEqual(lines, ["writing 1 delivery results failed; retrying every 1 s"])
+
+        def states() -> dict[str, str]:
+            return done(self.db.inner.read("s", lambda c: dict(c.execute(
+                select(queue_recipients.c.message_id, queue_recipients.c.state)).all())))
+
+        self.assertEqual(states(), {"Q1": "queued", "Q2": "queued"})
+        self.assertEqual(len(spool._results), 2)  # Q1's given back, Q2's recorded since
+        self.clock.advance(RETRY_DELAY)  # their own transaction, which fails as well
+        self.assertEqual(self.db.transactions, ["queue_results"])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 0)  # a run, logged once
+        failing[0] = False
+        self.clock.advance(RETRY_DELAY)
+        self.assertEqual(states(), {"Q1": "delivered", "Q2": "delivered"})
+        self.assertFalse(spool._results)
+        self.assertEqual(lines[1:], ["delivery results written again, after 2 failed attempts"])
         self.q.runner.running = False
 
     def test_results_left_waiting_when_a_burst_ends_are_written_once_due(self) -> None:

@@ -1,22 +1,24 @@
 """The spool's commit stream on a real threaded SQLite: it lingers for the next accept and
 gives the lane up at once when a chore, due results or a drain want it (results it can take
 with its next group wait for it until RESULTS_DELAY); under load it waits for a fuller
-group, and when mail trickles in it does not."""
+group, and when mail trickles in it does not. Results that fail in a group are undone
+alone and the group commits (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Connection, func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
+from mailcore.queue import spool as spool_module
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import DELIVERED, Result
 from mailcore.queue.settings import QueueSettings
-from mailcore.queue.spool import Spool, SpoolError
+from mailcore.queue.spool import Spool, SpoolError, thd_record_results
 from mailcore.smtp.envelope import Envelope, Recipient
 from mailcore.store import Database
 from mailcore.store.schema import queue_messages
@@ -35,10 +37,11 @@ def _count(conn: Connection) -> int:
 
 class StreamTestCase(TestCase):
     timeout = 30
+    backend = "sqlite"
     spool_options: dict[str, float | int] = {"linger": FOREVER}
 
     async def setUp(self) -> None:  # type: ignore[override]
-        self.db: Database = await open_database(self, "sqlite")
+        self.db: Database = await open_database(self, self.backend)
         self.spool = Spool(
             self.db, get_reactor(), QueueSettings(node_id="test"),
             QueueMetrics(CollectorRegistry()), **self.spool_options,  # type: ignore[arg-type]
@@ -96,6 +99,45 @@ class LingeringStreamTests(StreamTestCase):
         await self.accept("Q1")
         await self.spool.drain()
         self.assertFalse(self.spool._busy)
+
+
+class FailingResultsTests(StreamTestCase):
+    """Results that fail in the group they ride along in are rolled back to their savepoint
+    and the group commits: on PostgreSQL a statement that fails aborts the transaction,
+    which only rolling back to a savepoint gives back."""
+
+    async def test_results_that_fail_in_a_group_cost_no_accept(self) -> None:
+        failing = [True]
+
+        def record_results(conn: Connection, *args: Any, **kw: Any) -> Any:
+            dsns = thd_record_results(conn, *args, **kw)
+            if failing[0]:
+                conn.execute(queue_messages.update().where(queue_messages.c.id == "Q1")
+                             .values(size=0))  # undone with the results
+                conn.execute(text("SELECT no_such_column FROM queue_messages"))
+            return dsns
+
+        self.patch(spool_module, "thd_record_results", record_results)
+        await self.accept("Q1")
+        await sleep(0.05)  # the stream is now waiting for more
+        self.spool.record([Result(1, "Q1", DELIVERED, "250 ok")])
+        await self.accept("Q2")  # its group carries the result, which fails
+        self.assertEqual((self.spool.commits, self.spool.streams), (2, 1))
+        self.assertEqual(len(self.flushLoggedErrors(DBAPIError)), 1)
+        sizes = await self.db.read("s", lambda c: dict(c.execute(
+            select(queue_messages.c.id, queue_messages.c.size)).all()))
+        self.assertEqual(sorted(sizes), ["Q1", "Q2"])
+        self.assertNotEqual(sizes["Q1"], 0)
+        self.assertEqual(len(self.spool._results), 1)  # given back, tried again later
+        self.assertIsNotNone(self.spool._retry)
+        failing[0] = False
+        await self.spool.drain()  # tries them now
+        self.assertFalse(self.spool._results)
+
+
+class PostgreSQLFailingResultsTests(FailingResultsTests):
+    timeout = 60
+    backend = "postgresql"
 
 
 class GatheringStreamTests(StreamTestCase):

@@ -26,7 +26,9 @@ raises fails the group: a message is never stored without its charge); the recip
 paid for are stored `charged`, which is the record of that charge (for a retry, a restart
 or another node) and how the runner learns it. Delivery results (`record`)
 ride along in the next group commit while mail streams in, or while a commit stream runs
-(it takes them with its next group, or ends after its linger); when the lane is quiet they
+(it takes them with its next group, or ends after its linger), in a savepoint of their own:
+when they fail the group's messages still commit, and the results are tried again later as
+if their own transaction had failed (RETRY_DELAY). When the lane is quiet they
 get their own transaction (when the lane is free, or once RESULTS_BATCH have gathered or the
 oldest has waited RESULTS_DELAY) through a twin connection that does not wait for the disk
 (see `relaxed_twin`). These waits cost no duplicates when the process dies: a final
@@ -194,16 +196,20 @@ class _Group:
 
 
 class _Committed:
-    __slots__ = ("dsns", "ids", "messages", "now", "requested", "riders", "withdrawn")
+    __slots__ = ("dsns", "ids", "messages", "now", "requested", "results_failed", "riders",
+                 "withdrawn")
 
     def __init__(self, now: float, messages: list[NewMessage], ids: list[list[int]],
                  dsns: list[tuple[Job, bytes]], riders: list[Any] | None = None,
                  requested: list[Any] | None = None,
-                 withdrawn: dict[int, Failure | None] | None = None) -> None:
+                 withdrawn: dict[int, Failure | None] | None = None,
+                 results_failed: Failure | None = None) -> None:
         self.now = now
         self.messages = messages
         self.ids = ids
         self.dsns = dsns
+        # Why the group's results were not written (their savepoint rolled back), if so.
+        self.results_failed = results_failed
         self.riders = riders or []  # each rider's result, or its Failure
         # The outcomes of the charges handed in by `charge` (those of the group's requests).
         self.requested = requested
@@ -424,6 +430,10 @@ class Spool:
         self._streaming = False  # the lane's turn (while _busy) is a commit stream
         self._idle: list[defer.Deferred[None]] = []
         self._retry: IDelayedCall | None = None
+        # Set by the stream's thread when a group's results failed, cleared by the reactor
+        # thread once it has given them back (`_committed`): the groups the stream takes
+        # meanwhile take no later results, which would be written before them.
+        self._results_held = False
         self._results_since = 0.0
         self._results_timer: IDelayedCall | None = None
         self._flushing = False
@@ -835,7 +845,8 @@ class Spool:
             charges = _take_all(self._charge_requests)
         if not batch and not riders and not charges:
             return None
-        results = self._take_results() if self._retry is None else []
+        results = self._take_results() \
+            if self._retry is None and not self._results_held else []
         return _Group(batch, results, riders, charges)
 
     def _thd_commit(self, conn: Connection, group: _Group) -> _Committed:
@@ -849,11 +860,22 @@ class Spool:
                                paid.get(p.queue_id, _NOTHING_PAID)) for p in batch]
         ids = thd_insert_messages(conn, messages, self.settings.node_id, now, until) \
             if messages else []
-        dsns = (
-            thd_record_results(conn, [r for r, _ in group.results], self.settings.node_id,
-                               now, until, self.reporting_mta)
-            if group.results else []
-        )
+        dsns: list[tuple[Job, bytes]] = []
+        results_failed: Failure | None = None
+        if group.results:
+            # In a savepoint: results that fail (a deadlock with another node's sweeper or
+            # a Mail API delete on the same rows, a DSN that cannot be built) are given back
+            # and tried again later (`_committed`), and the group's messages still commit:
+            # their callers' 250s never hang on the results that rode along.
+            try:
+                with conn.begin_nested():
+                    dsns = thd_record_results(conn, [r for r, _ in group.results],
+                                              self.settings.node_id, now, until,
+                                              self.reporting_mta)
+            except Exception:
+                dsns = []
+                results_failed = Failure()
+                self._results_held = True
         riders: list[Any] = []
         for rider in group.riders:
             try:
@@ -861,7 +883,8 @@ class Spool:
                     riders.append(rider.fn(conn, *rider.args))
             except Exception:
                 riders.append(Failure())
-        return _Committed(now, messages, ids, dsns, riders, requested, withdrawn)
+        return _Committed(now, messages, ids, dsns, riders, requested, withdrawn,
+                          results_failed)
 
     @staticmethod
     def _thd_guard(conn: Connection, batch: list[_Pending]) -> dict[int, Failure | None]:
@@ -911,6 +934,7 @@ class Spool:
         consumer = self.consumer
         batch = group.batch
         if isinstance(result, Failure):
+            self._results_held = False
             self._failed_commit(result, len(batch))
             reserved = sum(len(p.envelope.recipients) for p in batch if p.leased)
             if consumer is not None and reserved:
@@ -929,7 +953,14 @@ class Spool:
             log.info("spool commits succeed again, after {commits} failed ({messages} messages "
                      "refused)", commits=self._failed_commits, messages=self._refused)
             self._failed_commits = self._refused = 0
-        self._stored(group.results)
+        results_written = bool(group.results) and result.results_failed is None
+        if result.results_failed is not None:
+            self._failed_results_write(result.results_failed, group.results)
+        elif group.results:
+            self._results_written(group.results)
+        # Only once the retry is set; also when the results of an earlier attempt of this
+        # transaction failed and a later attempt (after a conflict) wrote them.
+        self._results_held = False
         withdrawn = result.withdrawn
         stored = len(batch) - len(withdrawn)
         self._recent_commits.append((result.now, stored))
@@ -953,7 +984,7 @@ class Spool:
             self._hand_over(consumer, result.now, result.messages, result.ids)
             if result.dsns:
                 consumer.enqueue_new(result.dsns)
-        if group.results:
+        if results_written:
             self._tell_results()  # results rode along in this group
 
     def _failed_commit(self, failure: Failure, messages: int) -> None:
@@ -984,25 +1015,36 @@ class Spool:
                 self.reporting_mta,
             )
         except Exception:
-            # Logged once for a run of failures, as failed commits are (_failed_commit).
-            if not self._failed_results:
-                log.failure("writing {n} delivery results failed; retrying every {delay:g} s",
-                            n=len(results), delay=RETRY_DELAY)
-            self._failed_results += 1
-            self._results.extendleft(reversed(results))
-            self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
+            self._failed_results_write(Failure(), results)
         else:
-            if self._failed_results:
-                log.info("delivery results written again, after {n} failed attempts",
-                         n=self._failed_results)
-                self._failed_results = 0
-            self._stored(results)
+            self._results_written(results)
             self._tell_results()
             if dsns and self.consumer is not None:
                 self.consumer.enqueue_new(dsns)
         finally:
             self._busy = False
             self._kick()
+
+    def _failed_results_write(self, failure: Failure, results: list[_Entry]) -> None:
+        """Results not written (their own transaction failed, or their savepoint in a group
+        commit): given back, and the lane tries them again after RETRY_DELAY (no group takes
+        them meanwhile)."""
+        # Logged once for a run of failures, as failed commits are (_failed_commit).
+        if not self._failed_results:
+            log.failure("writing {n} delivery results failed; retrying every {delay:g} s",
+                        failure, n=len(results), delay=RETRY_DELAY)
+        self._failed_results += 1
+        self._results.extendleft(reversed(results))
+        if self._retry is None or not self._retry.active():
+            self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
+
+    def _results_written(self, results: list[_Entry]) -> None:
+        """Results are in the store (their own transaction or a group commit)."""
+        if self._failed_results:
+            log.info("delivery results written again, after {n} failed attempts",
+                     n=self._failed_results)
+            self._failed_results = 0
+        self._stored(results)
 
     def _hand_over(
         self, consumer: Consumer, now: float, messages: list[NewMessage], ids: list[list[int]]
