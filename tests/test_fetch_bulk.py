@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import re
 import time
+import tracemalloc
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -33,7 +34,7 @@ from mailcore.fetch.imap import (
     parse_fetch_lean,
 )
 from mailcore.fetch.jobs import TransientJobError
-from mailcore.fetch.migrate import FolderPlan, MailboxCopier, Source
+from mailcore.fetch.migrate import DestinationIndex, FolderPlan, MailboxCopier, Source
 from mailcore.fetch.restore import restore
 from tests.test_fetch_imap_hostile import failure_of
 
@@ -233,12 +234,15 @@ def size_replies(first: int, last: int) -> bytes:
                     b'+0000")\r\n' % (n, n, n * 10) for n in range(first, last + 1))
 
 
-async def destination(copier: MailboxCopier, client: IMAPClient
-                      ) -> tuple[int | None, list[tuple[int, int, Any]]]:
-    """(UIDVALIDITY, what it holds) of the destination's Archive, as a migrate reads them."""
+async def destination(copier: MailboxCopier, client: IMAPClient,
+                      wanted: set[tuple[int, Any]] | None = None,
+                      ) -> tuple[int | None, DestinationIndex]:
+    """(UIDVALIDITY, the look-alike index of what it holds) of the destination's Archive, as
+    a migrate reads them, for messages to copy of the keys `wanted`."""
     opened = await copier._examine(client, b"Archive")
     assert opened is not None
-    return opened[0], await copier._held(client, opened[1])
+    return opened[0], await copier._held(client, opened[1],
+                                         DestinationIndex(wanted or set(), set(), set()))
 
 
 class SetFetchTests(TestCase):
@@ -340,10 +344,78 @@ class SetFetchTests(TestCase):
             client.dataReceived(size_replies(1, 3 + extra) + b"0002 OK done\r\n")
             if ok:
                 validity, held = self.successResultOf(d)
-                self.assertEqual((validity, len(held)), (7, 3 + extra))
+                self.assertEqual((validity, held.others), (7, 3 + extra))
             else:
                 error = self.failureResultOf(d, TransientJobError).value
                 self.assertIn(f"more than {3 + _ARRIVING} FETCH replies", str(error))
+
+    def test_migrate_keeps_of_a_destination_what_its_lookups_ask_not_the_reply(self) -> None:
+        """A migrate's `UID FETCH 1:*` of a destination folder was kept whole (FetchItems,
+        then tuples, then a Counter of every key): 400 MB for 2 million small messages. Each
+        reply is now counted as it is read, and only the keys of messages to copy are kept."""
+        copier = MailboxCopier(*[cast(Any, None)] * 4)
+        client, _transport = connected()
+        day = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+        wanted = {(70, day), (70, day.replace(tzinfo=None)), (600_000, day), (11, day)}
+        d = defer.Deferred.fromCoroutine(destination(copier, client, wanted))
+        client.dataReceived(b"* 60000 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n0001 OK done\r\n")
+        stream = size_replies(1, 60_000) + size_replies(7, 7) + b"0002 OK done\r\n"
+        tracemalloc.start()
+        try:
+            for start in range(0, len(stream), 65536):
+                client.dataReceived(stream[start : start + 65536])
+            _now, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        _validity, held = self.successResultOf(d)
+        # As the Counter of every key had it: a naive date is no UTC one, 11 is no size there.
+        self.assertEqual(held.others, 60_001)
+        self.assertEqual(dict(held.settle(set())), {(70, day): 2, (600_000, day): 1})
+        # 60,000 FetchItems alone were 17 MB (and their tuples and Counter 14 MB more); the
+        # reads themselves, 64 KiB each and their lines, about 0.5 MB.
+        self.assertLess(peak, 2_000_000)
+
+    def test_migrate_refuses_a_destination_reply_no_folder_gives(self) -> None:
+        """A reply naming a message past the folder's EXISTS and ARRIVING, or a message
+        copied there named again and again, ends the session as a protocol error."""
+        copier = MailboxCopier(*[cast(Any, None)] * 4)
+        client, transport = connected()
+        d = defer.Deferred.fromCoroutine(destination(copier, client))
+        client.dataReceived(b"* 3 EXISTS\r\n* OK [UIDVALIDITY 7] v\r\n0001 OK done\r\n")
+        beyond = 4 + _ARRIVING
+        client.dataReceived(size_replies(1, 2) + size_replies(beyond, beyond) + b"0002 OK done\r\n")
+        error = self.failureResultOf(d, TransientJobError).value
+        self.assertIn(f"names message {4 + _ARRIVING} of a folder of at most {3 + _ARRIVING}",
+                      str(error))
+        self.assertTrue(transport.disconnecting)
+
+        index = DestinationIndex(set(), set(), {2})
+        item = general(size_replies(2, 2))
+        for _ in range(2 + imap.LIST_SLACK):
+            index.add(item)
+        with self.assertRaisesRegex(ProtocolFailed, "103 FETCH replies for 1 UIDs"):
+            index.add(item)
+
+    def test_a_set_with_a_sink_behind_another_command_is_read_as_it_arrives(self) -> None:
+        """Behind a command in flight the set goes on Twisted's reader: its replies are
+        handed to the sink as they come, none kept; past `max_items` the session ends."""
+        for count, ok in ((3, True), (4, False)):
+            client, transport = connected()
+            noop = client.send(b"NOOP")
+            got: list[FetchItem] = []
+            d = client.uid_fetch(b"1:*", b"UID RFC822.SIZE", max_items=3, sink=got.append)
+            client.dataReceived(b"0001 OK noop\r\n")
+            self.successResultOf(noop)
+            self.assertIn(b"0002 UID FETCH 1:* (UID RFC822.SIZE)", transport.value())
+            client.dataReceived(size_replies(1, 2) + b"* 2 EXISTS\r\n")
+            self.assertEqual([i.uid for i in got], [1, 2])
+            client.dataReceived(size_replies(3, count) + b"0002 OK done\r\n")
+            if ok:
+                self.assertEqual(self.successResultOf(d), [])
+                self.assertEqual([i.uid for i in got], [1, 2, 3])
+            else:
+                self.assertIn("more than 3 FETCH replies", str(self.failureResultOf(d).value))
+                self.assertTrue(transport.disconnecting)
 
     def test_migrate_refuses_a_destination_folder_of_more_messages_than_a_folder_may_hold(
         self,

@@ -21,7 +21,8 @@ unsafe or missing for a backup client (see shared/notes/twisted-pitfalls.md 3, 4
 - UID FETCH of a list of UIDs is pipelined: it goes out at once with its own tag, beside the
   others in flight, and the replies are read by the lean reader of mailcore.fetch.bulk
   (same bounds) instead of Twisted's one-command-at-a-time reader. A UID FETCH of a set
-  (b"1:*") is read by it too, alone, each reply parsed as it arrives.
+  (b"1:*") is read by it too, alone, each reply parsed as it arrives, and handed to the
+  caller's sink when it has one (none kept: a migrate's look-alike index of a destination).
 """
 
 from __future__ import annotations
@@ -560,18 +561,51 @@ class _ChangedFlags(list[bytes]):
         self.flags = {}
 
 
+class _Streamed(list[bytes]):
+    """The untagged lines of a UID FETCH of a set with a sink, on Twisted's reader: each
+    FETCH reply parsed as Twisted's reader appends it and handed to `sink`, never kept
+    (the others are, as any command's). Past `max_items` of them, or once the sink or the
+    parser failed, none is parsed; `failure` says why, and the session ends when the
+    command is answered (as `_ChangedFlags`)."""
+
+    def __init__(self, host: str, sink: Callable[[FetchItem], None],
+                 max_items: int | None) -> None:
+        super().__init__()
+        self.host, self.sink, self.max_items = host, sink, max_items
+        self.fetches = 0
+        self.failure: FetchError | None = None
+
+    def append(self, line: bytes) -> None:
+        if not _RE_FETCH.match(line):
+            super().append(line)
+            return
+        self.fetches += 1
+        if self.failure is not None:
+            return
+        if self.max_items is not None and self.fetches > self.max_items:
+            self.failure = _too_many(self.host, self.max_items)
+            return
+        try:
+            self.sink(parse_fetch(line))
+        except FetchError as e:
+            self.failure = e
+
+
 class _Pipelined(imap4.Command):
     """A UID FETCH sent on the bulk path: its UIDs and the items read so far. It sits in
     Twisted's tag table too, so a failed session or a lost connection fails it."""
 
     def __init__(self, uids: list[int] | None, max_items: int | None = None,
-                 within: tuple[int, int] | None = None) -> None:
+                 within: tuple[int, int] | None = None,
+                 sink: Callable[[FetchItem], None] | None = None) -> None:
         super().__init__(b"UID FETCH")
         self.uids = uids or []  # none for a set: it takes every FETCH reply (in `within`)
         self.max_items = max_items
         self.within = within
         self.over = False  # a set `within` given more than `max_items`: none kept since
         self.items: list[FetchItem] = []
+        self.sink = sink  # takes each item as it is read, instead of `items`
+        self.taken = 0  # the items taken, kept or sunk
         self.failure: Failure | None = None
         self.result: defer.Deferred[list[FetchItem]] = defer.Deferred()
         self.defer = self.result  # type: ignore[assignment]  # what Twisted's paths fail
@@ -719,7 +753,9 @@ class IMAPClient(imap4.IMAP4Client):
                 and not self.queued and self._parts is None and bool(self.line_mode))
 
     def _bulk_send(self, uids: list[int] | None, args: bytes, max_items: int | None = None,
-                   within: tuple[int, int] | None = None) -> defer.Deferred[list[FetchItem]]:
+                   within: tuple[int, int] | None = None,
+                   sink: Callable[[FetchItem], None] | None = None,
+                   ) -> defer.Deferred[list[FetchItem]]:
         """Send a UID FETCH on the bulk path: of `uids`, or of a set (None: the set is in
         `args`, and the command takes every FETCH reply until it is answered, naming a UID
         `within` when given)."""
@@ -730,7 +766,7 @@ class IMAPClient(imap4.IMAP4Client):
             leftover = self.clearLineBuffer()
             self.waiting = _BULK
             self._bulk_bytes = 0
-        cmd = _Pipelined(uids, max_items, within)
+        cmd = _Pipelined(uids, max_items, within, sink)
         if uids is None:
             self._bulk_set = cmd
         tag = self.makeTag()
@@ -812,11 +848,15 @@ class IMAPClient(imap4.IMAP4Client):
                     if cmd is not None and not _names(item, cmd.within):
                         cmd = None
                 if cmd is not None and not cmd.over:
-                    cmd.items.append(item)
-                    if cmd.max_items is not None and len(cmd.items) > cmd.max_items:
+                    cmd.taken += 1
+                    if cmd.max_items is not None and cmd.taken > cmd.max_items:
                         if cmd.within is None:
                             raise _too_many(self.host, cmd.max_items)
                         cmd.items, cmd.over = [], True
+                    elif cmd.sink is not None:
+                        cmd.sink(item)  # a FetchError it raises ends the session
+                    else:
+                        cmd.items.append(item)
             return None  # EXISTS, EXPUNGE, FETCH of flags alone...: nothing for a backup
         tag, _, rest = first.partition(b" ")
         cmd = self._bulk_tags.pop(tag, None)
@@ -1215,6 +1255,7 @@ any case too (as INBOX when it is listed so, else as first listed). Only
     def uid_fetch(
         self, uids: list[int] | bytes, items: bytes, modifiers: bytes = b"", *,
         max_items: int | None = None, within: tuple[int, int] | None = None,
+        sink: Callable[[FetchItem], None] | None = None,
     ) -> defer.Deferred[list[FetchItem]]:
         """Queue a UID FETCH of a list of UIDs or a set like b"1:500" (callers pipeline by
         queueing several lists before awaiting). Both go on the bulk path when they can,
@@ -1225,7 +1266,13 @@ any case too (as INBOX when it is listed so, else as first listed). Only
         two UIDs keeps (and counts) only the replies naming a UID from one to the other (a
         server's flag changes of other messages, told unasked, are none of its answer), and
         given more than `max_items` of them keeps none past them and fails TooManyReplies
-        once answered: the session goes on."""
+        once answered: the session goes on.
+
+        A set may be given a `sink` (not with `within`): each item is handed to it as its
+        reply is read, and none is kept (the Deferred fires with an empty list), so what
+        the caller keeps of a folder's millions of replies is up to it. A FetchError the
+        sink raises fails the command and ends the session (a reply no folder gives)."""
+        assert sink is None or (isinstance(uids, bytes) and within is None)
         uid_set = uids if isinstance(uids, bytes) else compress_set(uids)
         if not isinstance(uids, bytes) and max_items is None:
             # On the bulk path a list takes the replies naming its UIDs: each once, maybe a
@@ -1237,9 +1284,21 @@ any case too (as INBOX when it is listed so, else as first listed). Only
             args += b" (" + modifiers + b")"
         if isinstance(uids, bytes):
             if self._bulk is None and self._bulk_possible():
-                return self._bulk_send(None, args, max_items, within)
+                return self._bulk_send(None, args, max_items, within, sink)
         elif self._bulk_set is None and self._bulk_possible():
             return self._bulk_send(uids, args, max_items)
+        if sink is not None:
+            streamed = _Streamed(self.host, sink, max_items)
+            # After the command(s) in flight, on Twisted's reader: each reply read as it comes.
+            sent = self.send(b"UID FETCH", args, lines=streamed)
+
+            def settle(_result: tuple[list[bytes], bytes]) -> list[FetchItem]:
+                if streamed.failure is not None:
+                    self._fail(streamed.failure)
+                    raise streamed.failure
+                return []
+
+            return sent.addCallback(settle)
         d = self.send(b"UID FETCH", args)  # after the command(s) in flight, on Twisted's reader
 
         def parse(result: tuple[list[bytes], bytes]) -> list[FetchItem]:

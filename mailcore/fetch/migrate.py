@@ -71,10 +71,14 @@ from mailcore.fetch.errors import (
     ConnectFailed,
     FetchError,
     FetchTimeout,
+    ProtocolFailed,
     TLSFailed,
 )
 from mailcore.fetch.imap import (
     ARRIVING,
+    LIST_SLACK,
+    MAX_EXISTS,
+    FetchItem,
     IMAPClient,
     ServerSpec,
     examined_exists,
@@ -482,15 +486,17 @@ class MailboxCopier:
             raise _classify(e) from None
         return uidvalidity, exists
 
-    async def _held(self, reader: IMAPClient, exists: int) -> list[tuple[int, int, Any]]:
-        """[(uid, size, internaldate)] of the folder `_examine` left selected, which counted
-        `exists` messages."""
+    async def _held(self, reader: IMAPClient, exists: int, index: DestinationIndex
+                    ) -> DestinationIndex:
+        """`index` given the messages of the folder `_examine` left selected, which counted
+        `exists` messages, each as its FETCH reply is read."""
         if exists == 0:
-            return []
+            return index
         # One FETCH reply a message: those EXAMINE counted, and a margin for mail arriving.
-        items = await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE",
-                                               max_items=exists + ARRIVING))
-        return [(i.uid, i.size or 0, i.internal_date) for i in items if i.uid is not None]
+        index.highest_seq = exists + ARRIVING
+        await guarded(reader.uid_fetch(b"1:*", b"UID RFC822.SIZE INTERNALDATE",
+                                       max_items=exists + ARRIVING, sink=index.add))
+        return index
 
     async def _copy_folder(self, runner: JobRunner, job: Job, writer: MailboxWriter,
                            reader: IMAPClient, plan: FolderPlan, states: dict[int, ItemState],
@@ -519,7 +525,7 @@ class MailboxCopier:
         # gone, as a folder no longer listed. Its EXAMINE (once a run) gives the
         # UIDVALIDITY and EXISTS that what is there is listed by.
         opened = None
-        held: list[tuple[int, int, Any]] | None = None
+        held: DestinationIndex | None = None
         if listed and dest not in writer.noselect:
             opened = await self._examine(reader, mailbox)
         exists = opened is not None
@@ -574,10 +580,12 @@ class MailboxCopier:
                 # whose UID it still holds is the one copied (UIDs are never reused within a
                 # UIDVALIDITY), not looked for again (a destination that rewrote it, or one
                 # of many look-alikes, would be sent again: a duplicate each).
-                held = await self._held(reader, opened[1])
-                uids = {uid for uid, _, _ in held}
+                watched = {st.dest_uid for sid, st in states.items() if sid in again
+                           and st.dest_uidvalidity == uidvalidity and st.dest_uid is not None}
+                held = await self._held(reader, opened[1], DestinationIndex(
+                    {s.key for s in todo}, self._used(plan, states, again), watched))
                 kept = {sid for sid in again if states[sid].dest_uidvalidity == uidvalidity
-                        and states[sid].dest_uid in uids}
+                        and states[sid].dest_uid in held.seen}
                 if kept:
                     log.info("job {id}: {folder} at the destination opens again with {n} of "
                              "its copied messages still there; they are not sent again",
@@ -587,23 +595,19 @@ class MailboxCopier:
                     if not todo:
                         return
         # What the destination holds that nothing of this plan accounts for.
-        index: Counter[tuple[int, Any]] = Counter()
-        mine = {c.id for c in plan.candidates}
-        used = {st.dest_uid for sid, st in states.items()
-                if st.dest_uid is not None and st.state != "inflight" and sid in mine
-                and sid not in again}
-        used |= plan.present_uids
+        used = self._used(plan, states, again)
         assert opened is not None
-        if held is None:
-            held = await self._held(reader, opened[1])  # in the folder EXAMINEd last
-        index = Counter((size, utc(date)) for uid, size, date in held if uid not in used)
+        if held is None:  # in the folder EXAMINEd last
+            held = await self._held(reader, opened[1], DestinationIndex(
+                {s.key for s in todo}, used, set()))
+        index = held.settle(used)
         # Messages in flight at the last stop, and look-alikes of what is there: look first.
         found: list[tuple[int, str, int | None, int | None]] = []
         to_send: list[Source] = []
         for source in todo:
             inflight = source.id in states
-            looks_there = bool(index) and (source.internal_date is None
-                                           or index[source.key] > 0)
+            looks_there = held.others > 0 and (source.internal_date is None
+                                               or index[source.key] > 0)
             if exists and (inflight or looks_there):
                 uid = await guarded(writer.find(
                     path, message_id=source.message_id or None, size=source.size,
@@ -629,6 +633,18 @@ class MailboxCopier:
                 appended=sum(1 for f in found if f[1] == "done" and f[0] not in again),
                 handled=sum(1 for f in found if f[0] not in again))
         await self._append_all(runner, job, writer, plan, to_send, uidvalidity, again)
+
+    @staticmethod
+    def _used(plan: FolderPlan, states: dict[int, ItemState], again: dict[int, str]
+              ) -> set[int]:
+        """The UIDs of the destination folder that stand for messages of `plan` this run
+        does not look for (recorded there, not to be copied `again`), or that it does not
+        copy (`present_uids`)."""
+        mine = {c.id for c in plan.candidates}
+        used = {st.dest_uid for sid, st in states.items()
+                if st.dest_uid is not None and st.state != "inflight" and sid in mine
+                and sid not in again}
+        return used | plan.present_uids
 
     async def _uncount(self, runner: JobRunner, job: Job, plan: FolderPlan,
                        again: dict[int, str]) -> None:
@@ -792,6 +808,60 @@ class MailboxCopier:
             if new - appended > 0:
                 self.metrics.messages.labels(kind=kind, outcome="present").inc(
                     new - appended)
+
+
+class DestinationIndex:
+    """What a copy keeps of the messages a destination folder holds, its look-alike index,
+    given each as its FETCH reply is read (`add`, the sink of a UID FETCH 1:*): how many
+    messages there no UID in `used` accounts for (`others`), and of those how many have
+    each (size, INTERNALDATE) of the messages to copy (`wanted`, their Source.key). The
+    UIDs `watched` (maybe not used: see `settle`) are kept with their keys as seen.
+
+    A folder's FETCH replies were all kept, as FetchItems, then as tuples, then counted
+    by every key: 400 MB for a destination of 2 million small messages (the reply bound,
+    144 MB, lets in that many), whatever the copy holds. Now only what a lookup can ask
+    is kept: a count per key of the messages to copy, and the watched UIDs."""
+
+    def __init__(self, wanted: set[tuple[int, datetime.datetime | None]], used: set[int],
+                 watched: set[int]) -> None:
+        self.wanted, self.used, self.watched = wanted, used, watched
+        self.counts: Counter[tuple[int, datetime.datetime | None]] = Counter()
+        self.others = 0
+        self.seen: dict[int, list[tuple[int, datetime.datetime | None]]] = {}
+        self.repeats = 0  # FETCH replies naming a watched UID
+        self.highest_seq = MAX_EXISTS  # the highest message number a reply may name
+
+    def add(self, item: FetchItem) -> None:
+        if item.seq > self.highest_seq:
+            # No folder of the EXISTS it counted (and ARRIVING more) holds that message.
+            raise ProtocolFailed(f"a FETCH reply names message {item.seq} of a folder of at "
+                                 f"most {self.highest_seq}")
+        uid = item.uid
+        if uid is None:
+            return
+        if uid in self.watched:  # before `used`: a UID may be both (see settle)
+            self.seen.setdefault(uid, []).append((item.size or 0, utc(item.internal_date)))
+            self.repeats += 1
+            if self.repeats > 2 * len(self.watched) + LIST_SLACK:
+                raise ProtocolFailed(
+                    f"{self.repeats} FETCH replies for {len(self.watched)} UIDs copied there, "
+                    f"more than two a UID and {LIST_SLACK}")
+        elif uid not in self.used:
+            self._count((item.size or 0, utc(item.internal_date)))
+
+    def _count(self, key: tuple[int, datetime.datetime | None]) -> None:
+        self.others += 1
+        if key in self.wanted:
+            self.counts[key] += 1
+
+    def settle(self, used: set[int]) -> Counter[tuple[int, datetime.datetime | None]]:
+        """The count by key, once the watched UIDs seen are known to be `used` or not."""
+        for uid, keys in self.seen.items():
+            if uid not in used:
+                for key in keys:
+                    self._count(key)
+        self.seen = {}
+        return self.counts
 
 
 class _FolderRefused(Exception):
