@@ -442,6 +442,38 @@ class SpoolTests(TestCase):
         self.assertEqual(lines[1:], ["delivery results written again, after 2 failed attempts"])
         self.q.runner.running = False
 
+    def test_results_a_group_failed_are_not_passed_by_later_ones(self) -> None:
+        """While the reactor has not yet given back the results whose savepoint failed in a
+        group, the stream's next groups take no later results, even when the reactor
+        answers an earlier group meanwhile (the stream runs ahead of the reactor). That
+        answer cleared the hold: the next group wrote a later result before the failed
+        ones."""
+
+        def record_results(conn: Any, *args: Any, **kw: Any) -> Any:
+            raise ValueError("cannot build the DSN")
+
+        self.patch(spool_module, "thd_record_results", record_results)
+        spool = self.q.spool
+        earlier: Any = ("earlier", spool_module.NOT_WRITTEN)
+        later: Any = ("later", spool_module.NOT_WRITTEN)
+        # On the stream's thread: group A commits (its answer waits for the reactor), then
+        # group B, whose results fail in their savepoint.
+        a = spool_module._Group([], [])
+        b = spool_module._Group([], [earlier])
+        a_done = spool_module._Committed(self.clock.seconds(), [], [], [])
+        b_done = done(self.db.inner.run("queue_commit", spool._thd_commit, b))
+        self.assertIsNotNone(b_done.results_failed)
+        # The reactor answers A, B's answer still on its way; a result is recorded meanwhile.
+        spool._committed(a, a_done)
+        spool._results.append(later)
+        spool._riders.append(object())  # the stream's next group has something to take
+        group = spool._take_for_stream()
+        assert group is not None
+        self.assertEqual(group.results, [])
+        spool._committed(b, b_done)
+        self.assertEqual(list(spool._results), [earlier, later])
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
     def test_results_left_waiting_when_a_burst_ends_are_written_once_due(self) -> None:
         """Results recorded while a group of a burst commits, whose results timer fired
         before they were due (it was set for earlier ones, which rode along), are written

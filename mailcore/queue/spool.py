@@ -430,10 +430,11 @@ class Spool:
         self._streaming = False  # the lane's turn (while _busy) is a commit stream
         self._idle: list[defer.Deferred[None]] = []
         self._retry: IDelayedCall | None = None
-        # Set by the stream's thread when a group's results failed, cleared by the reactor
-        # thread once it has given them back (`_committed`): the groups the stream takes
-        # meanwhile take no later results, which would be written before them.
-        self._results_held = False
+        # The group whose results failed, set by the stream's thread, cleared by the reactor
+        # thread once it has given them back (`_committed` of that group, not of an earlier
+        # one answered meanwhile): the groups the stream takes meanwhile take no later
+        # results, which would be written before them.
+        self._results_held: _Group | None = None
         self._results_since = 0.0
         self._results_timer: IDelayedCall | None = None
         self._flushing = False
@@ -846,7 +847,7 @@ class Spool:
         if not batch and not riders and not charges:
             return None
         results = self._take_results() \
-            if self._retry is None and not self._results_held else []
+            if self._retry is None and self._results_held is None else []
         return _Group(batch, results, riders, charges)
 
     def _thd_commit(self, conn: Connection, group: _Group) -> _Committed:
@@ -875,7 +876,7 @@ class Spool:
             except Exception:
                 dsns = []
                 results_failed = Failure()
-                self._results_held = True
+                self._results_held = group
         riders: list[Any] = []
         for rider in group.riders:
             try:
@@ -934,7 +935,8 @@ class Spool:
         consumer = self.consumer
         batch = group.batch
         if isinstance(result, Failure):
-            self._results_held = False
+            if self._results_held is group:
+                self._results_held = None
             self._failed_commit(result, len(batch))
             reserved = sum(len(p.envelope.recipients) for p in batch if p.leased)
             if consumer is not None and reserved:
@@ -960,7 +962,8 @@ class Spool:
             self._results_written(group.results)
         # Only once the retry is set; also when the results of an earlier attempt of this
         # transaction failed and a later attempt (after a conflict) wrote them.
-        self._results_held = False
+        if self._results_held is group:
+            self._results_held = None
         withdrawn = result.withdrawn
         stored = len(batch) - len(withdrawn)
         self._recent_commits.append((result.now, stored))
