@@ -46,6 +46,7 @@ from mailcore.queue.routing import Hop, Router, RoutingError
 from mailcore.queue.settings import QueueSettings
 from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin, synchronous_database
+from tests.support.logs import logged
 from tests.support.mailsink import done, envelope
 from tests.support.queuetest import BODY, QueueTestCase
 from tests.support.reactor import get_reactor
@@ -343,12 +344,38 @@ class RouterPolicyTests(TestCase):
         hop = await self.router().route(None, "u@other.test")
         self.assertEqual([hop.host, *hop.fallbacks], [h for _p, h in rogues[:5]])
 
+    async def test_domains_of_one_mx_host_under_enforce_share_one_hop(self) -> None:
+        """The policy's domain is no part of the hop's identity: domains whose MX host is
+        the same share its hop queue (hop_concurrency, connections), as without a policy."""
+        self.dns.mx["other.test"] = self.dns.mx["example.test"]
+        self.dns.txt["_mta-sts.other.test"] = ["v=STSv1; id=two;"]
+        self.fetcher.texts["other.test"] = ENFORCE
+        router = self.router()
+        one = await router.route(None, "u@example.test")
+        two = await router.route(None, "u@other.test")
+        self.assertEqual((two.sts, two.sts_domain), ("enforce", "other.test"))
+        self.assertEqual(one, two)
+        self.assertEqual(len({one, two}), 1)
+
     async def test_testing_mode_routes_as_without_a_policy(self) -> None:
         self.fetcher.texts["example.test"] = ENFORCE.replace("enforce", "testing")
         hop = await self.router().route(None, "u@example.test")
         self.assertEqual((hop.host, hop.fallbacks, hop.tls, hop.sts),
                          ("mx1.example.test", ("rogue.attacker.test",), "verify-if-offered",
                           "testing"))
+
+    async def test_a_testing_policy_warns_once_a_period_per_domain(self) -> None:
+        """Not once per recipient routed: once per domain and route_cache_seconds (a
+        minute at least)."""
+        warned = logged(self, lambda e: "(testing) does not list MX" in e.get("log_format", ""))
+        self.fetcher.texts["example.test"] = ENFORCE.replace("enforce", "testing")
+        router = self.router()
+        for _ in range(3):
+            await router.route(None, "u@example.test")
+        self.assertEqual(len(warned), 1)
+        self.clock.advance(61)
+        await router.route(None, "u@example.test")
+        self.assertEqual(len(warned), 2)
 
     async def test_an_invalid_policy_is_ignored(self) -> None:
         self.fetcher.texts["example.test"] = ENFORCE.replace("STSv1", "STSv9")
@@ -507,10 +534,22 @@ class QueuePolicyTests(QueueTestCase):
         self.connector.offer_starttls = False
         rcpt = await self.send()
         self.assertEqual(rcpt.state, "deferred")
-        self.assertIn("4.7.5 TLS is required by the MTA-STS policy of example.test",
+        self.assertIn("4.7.5 TLS is required by the MTA-STS policy of the recipient's domain",
                       rcpt.last_error)
         self.assertEqual(self.connector.delivered, [])
         self.assertEqual([h.host for h in self.connector.connects], ["mx1.example.test"])
+
+    async def test_two_domains_of_one_mx_host_share_one_connection(self) -> None:
+        self.dns.mx["other.test"] = self.dns.mx["example.test"]
+        self.dns.txt["_mta-sts.other.test"] = ["v=STSv1; id=two;"]
+        self.fetcher.texts["other.test"] = ENFORCE
+        self.connector.offer_starttls = True
+        await self.q.spool.accept("Q1", envelope("a@x.test", ("u@example.test", None),
+                                                 ("v@other.test", None)), BODY)
+        shown = done(self.db.read("show", thd_show, "Q1"))
+        self.assertEqual([r.state for r in shown.recipients], ["delivered", "delivered"])
+        self.assertEqual([h.host for h in self.connector.connects], ["mx1.example.test"])
+        self.assertEqual(len(self.connector.delivered), 1)
 
     async def test_enforce_delivers_over_verified_tls(self) -> None:
         self.connector.offer_starttls = True
@@ -527,6 +566,18 @@ class QueuePolicyTests(QueueTestCase):
         self.assertEqual(rcpt.state, "delivered")
         self.assertEqual(len(self.connector.delivered), 1)
 
+
+    async def test_a_testing_policy_host_without_starttls_is_warned_of_once(self) -> None:
+        warned = logged(self, lambda e: "offers no STARTTLS" in e.get("log_format", ""))
+        self.fetcher.texts["example.test"] = ENFORCE.replace("enforce", "testing")
+        self.connector.offer_starttls = False
+        for queue_id in ("Q1", "Q2", "Q3"):
+            await self.q.spool.accept(queue_id, envelope("a@x.test", ("u@example.test", None)),
+                                      BODY)
+            self.clock.advance(self.q.runner.settings.connection_idle + 1)  # a new connection
+        self.assertEqual(len(self.connector.connects), 3)
+        self.assertEqual(len(warned), 1)
+        self.assertIn("mx1.example.test", warned[0])
 
 BEFORE = "0069_ids_never_reused"  # the revision 0070_mta_sts_policies builds on
 

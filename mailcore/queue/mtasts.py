@@ -28,7 +28,9 @@ What a policy does (the router applies it, `Router._mx`): `enforce` keeps only t
 that match one of its patterns (none left: the mail is deferred 4.7.5, never sent
 elsewhere) and makes their TLS policy `verify` (STARTTLS required, the certificate verified
 against the MX host's name, else deferred 4.7.5, nothing in cleartext); `testing` delivers
-as without a policy and logs what enforce would have refused; `none` does nothing.
+as without a policy and logs what enforce would have refused (once per domain, or per MX
+host for one that offers no STARTTLS, and route_cache_seconds, a minute at least: `Quiet`);
+`none` does nothing.
 
 Lookups do not block: the TXT lookups and the fetches are Deferreds, MAX_LOOKUPS and
 MAX_FETCHES at most under way at once; lookups for one domain at once share one; what was
@@ -99,6 +101,28 @@ _PATTERN = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})+")
 _DOMAIN = re.compile(rf"{_LABEL}(\.{_LABEL})+")
 _MAX_AGE = re.compile(r"[0-9]{1,10}")
 _FIELD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+class Quiet:
+    """Whether a warning about `key` (a domain, a host) is due: once per `period` seconds
+    at most (route_cache_seconds, a minute at least), so a testing policy's warnings come
+    once a period per domain or host, not once per recipient routed or connection made.
+    At most _MEMORY_LIMIT keys are remembered (then the memory starts again)."""
+
+    def __init__(self, clock: IReactorTime, period: float) -> None:
+        self.clock = clock
+        self.period = max(period, 60.0)
+        self._last: dict[str, float] = {}
+
+    def due(self, key: str) -> bool:
+        now = self.clock.seconds()
+        last = self._last.get(key)
+        if last is not None and now < last + self.period:
+            return False
+        if last is None and len(self._last) >= _MEMORY_LIMIT:
+            self._last.clear()
+        self._last[key] = now
+        return True
 
 
 class PolicyError(Exception):

@@ -30,7 +30,7 @@ at all (nobody else can have it), the served hop is taken after all.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, select
@@ -39,7 +39,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from mailcore.queue.model import thd_domain_for
-from mailcore.queue.mtasts import PolicyFinder
+from mailcore.queue.mtasts import PolicyFinder, Quiet
 from mailcore.queue.settings import DEFAULT_TLS, QueueSettings, effective_tls
 from mailcore.store import Database
 from mailcore.store.schema import domains, users
@@ -61,9 +61,12 @@ class Hop:
     # hop of a domain that is served here but not vouched for (see the module's doc).
     loop_to: Hop | None = None
     # The mode of the MTA-STS policy that chose this MX hop ("enforce", "testing"), and
-    # the domain whose it is; "" when none applies (mailcore.queue.mtasts).
+    # the domain whose it is; "" when none applies (mailcore.queue.mtasts). The domain is
+    # no part of the hop's identity: domains whose MX hosts are the same (many domains of
+    # one mail provider) share one hop, its hop_concurrency and its connections, as they do
+    # without a policy; it names one of them, for the log.
     sts: str = ""
-    sts_domain: str = ""
+    sts_domain: str = field(default="", compare=False)
 
     def hosts(self) -> list[Hop]:
         """The hop of each host to try, in order, with no fallbacks of its own."""
@@ -169,6 +172,8 @@ class Router:
         self._lookups = DeferredSemaphore(MAX_LOOKUPS)
         # The MTA-STS policies of MX routes (None: `[queue] mta_sts` is off).
         self.sts = sts
+        # A testing policy's warning: once a period per domain, not per recipient.
+        self._sts_quiet = Quiet(clock, settings.route_cache_seconds)
 
     def _policy(self, domain_tls: str | None = None) -> str:
         """The domain's own TLS policy, or the `[queue] tls` default."""
@@ -310,7 +315,7 @@ class Router:
         hosts = hosts[:MAX_MX_HOSTS] if policy.mode == "testing" else hosts
         matching = [h for h in hosts if policy.matches(h)]
         if policy.mode == "testing":
-            if len(matching) < len(hosts):
+            if len(matching) < len(hosts) and self._sts_quiet.due(domain):
                 log.warn("MTA-STS policy of {domain} (testing) does not list MX {hosts}; "
                          "delivering as without a policy", domain=domain,
                          hosts=", ".join(h for h in hosts if h not in matching))

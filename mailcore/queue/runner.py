@@ -92,6 +92,7 @@ from mailcore.queue.model import (
     thd_load_bodies,
     thd_release_leases,
 )
+from mailcore.queue.mtasts import Quiet
 from mailcore.queue.nexthop import NextHopRefused
 from mailcore.queue.pipeline import (
     LATER,
@@ -153,13 +154,12 @@ async def open_host(connector: Connector, hop: Hop, *, cleartext: bool = False,
     (mailcore.gateway.callout) both open their sessions here."""
     session = await connector.connect(hop)
     offered = "STARTTLS" in session.extensions
-    if hop.sts == "testing" and not offered:
-        log.warn("MTA-STS policy of {domain} (testing): {hop} offers no STARTTLS; "
-                 "delivering as without a policy", domain=hop.sts_domain, hop=hop.label)
     if hop.tls == "verify" or (hop.tls == "verify-if-offered" and offered):
         why = "is required" if hop.tls == "verify" else "was offered"
         if hop.sts == "enforce":
-            why = f"is required by the MTA-STS policy of {hop.sts_domain}"
+            # (The hop may be shared by several domains of one MX host: the recipient's
+            # domain is the one whose policy it is.)
+            why = "is required by the MTA-STS policy of the recipient's domain"
         if not offered:
             session.abort()
             raise SMTPClientError(f"4.7.5 TLS {why} but the server offers no STARTTLS")
@@ -570,6 +570,9 @@ class QueueRunner:
         self.loader = BodyLoader(db)
         self.spool: Spool | None = None  # the write lane for results; set by build_queue
         self.hops: dict[Hop, HopQueue] = {}
+        # A testing MTA-STS policy's MX host that offers no STARTTLS: warned about once a
+        # period per host, not per connection.
+        self._sts_quiet = Quiet(clock, settings.route_cache_seconds)
         # Connections opening or open, all hops together, and the hops waiting for one
         # (`max_connections`), in the order they asked.
         self.connections = 0
@@ -1306,9 +1309,16 @@ class QueueRunner:
         def tls_failed() -> None:
             hq.cleartext_until = self.clock.seconds() + CLEARTEXT_AFTER_TLS_FAILURE
 
-        return await open_host(self.connector, hop,
-                               cleartext=hq.cleartext_until > self.clock.seconds(),
-                               tls_failed=tls_failed)
+        session = await open_host(self.connector, hop,
+                                  cleartext=hq.cleartext_until > self.clock.seconds(),
+                                  tls_failed=tls_failed)
+        if (hop.sts == "testing" and "STARTTLS" not in session.extensions
+                and self._sts_quiet.due(hop.label)):
+            # (Once a period per host, not per connection; the host may serve several
+            # domains: sts_domain names one.)
+            log.warn("MTA-STS policy of {domain} (testing): {hop} offers no STARTTLS; "
+                     "delivering as without a policy", domain=hop.sts_domain, hop=hop.label)
+        return session
 
     async def _worker(self, hq: HopQueue) -> None:
         """One connection: open it, deliver jobs until idle or the per-connection cap."""
