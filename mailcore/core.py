@@ -51,6 +51,7 @@ from mailcore.nodes.registry import NodeRegistry
 from mailcore.oauth import OAuthProvider, OAuthPruner, OAuthSettings
 from mailcore.periodic import PeriodicService
 from mailcore.queue.assembly import Queue, build_queue
+from mailcore.queue.mtasts import PolicySweeper
 from mailcore.queue.nexthop import Listeners, ListeningEndpoint
 from mailcore.queue.pipeline import Pipeline
 from mailcore.queue.settings import QueueSettings
@@ -363,7 +364,8 @@ class Core:
             SendsSweeper(self.send_caps), OAuthPruner(self.oauth),
             SafedropSweeper(self.safedrop),
             MailFilesSweeper(self.mail, self.mailapi_settings.file_sweep_interval),
-            GoneSweeper(self.mail), OldJobsSweeper(self.jobs, self.clock)))
+            GoneSweeper(self.mail), OldJobsSweeper(self.jobs, self.clock),
+            PolicySweeper(self.db, self.clock)))
         if self.recipient_verifier is not None:
             # (the verifier itself for its idle probe connections, closed at stop)
             services.append(self.recipient_verifier)

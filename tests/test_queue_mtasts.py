@@ -36,14 +36,17 @@ from mailcore.queue.mtasts import (
     PolicyError,
     PolicyFetcher,
     PolicyFinder,
+    PolicySweeper,
     mx_matches,
     parse_policy,
     parse_txt,
     thd_read_policy,
+    thd_sweep_policies,
     thd_write_policy,
 )
 from mailcore.queue.routing import Hop, Router, RoutingError
 from mailcore.queue.settings import QueueSettings
+from mailcore.store.leases import JobLeases
 from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin, synchronous_database
 from tests.support.logs import logged
@@ -512,6 +515,61 @@ class RouterPolicyTests(TestCase):
         self.assertEqual(self.dns.asked_txt, [])
 
 
+class SweepTests(TestCase):
+    """The expired policies are deleted every hour, on one node of those sharing the store
+    (before, no row was ever deleted)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.db = synchronous_database()
+        for domain, max_age in (("a.test", 100), ("b.test", 3000), ("c.test", 86400)):
+            policy = Policy("one", "enforce", ("mx.a.test",), max_age, self.clock.seconds())
+            done(self.db.run("w", thd_write_policy, domain, policy))
+
+    def kept(self) -> list[str]:
+        return sorted(d for d in ("a.test", "b.test", "c.test")
+                      if done(self.db.read("r", thd_read_policy, d)) is not None)
+
+    def test_the_sweep_deletes_what_expired_and_only_that(self) -> None:
+        now = self.clock.seconds()
+        self.assertEqual(done(self.db.run("s", thd_sweep_policies, now + 100, 10)), 1)
+        self.assertEqual(self.kept(), ["b.test", "c.test"])
+        # A batch at a time.
+        self.assertEqual(done(self.db.run("s", thd_sweep_policies, now + 86400, 1)), 1)
+        self.assertEqual(self.kept(), ["c.test"])
+
+    def test_the_sweeper_sweeps_every_hour(self) -> None:
+        sweeper = PolicySweeper(self.db, self.clock)
+        sweeper.startService()
+        self.assertEqual(self.kept(), ["a.test", "b.test", "c.test"])  # none expired yet
+        self.clock.advance(3600)
+        self.assertEqual(self.kept(), ["c.test"])
+        self.successResultOf(defer.maybeDeferred(sweeper.stopService))
+
+    def test_one_node_sweeps_per_period(self) -> None:
+        swept: list[str] = []
+
+        class Told(PolicySweeper):
+            def swept(self, result: int) -> None:
+                swept.append(str(self.leases.node_id if self.leases else ""))
+
+        sweepers = []
+        for node in ("node-a", "node-b"):
+            sweeper = Told(self.db, self.clock)
+            sweeper.leases = JobLeases(self.db, node)
+            sweepers.append(sweeper)
+        self.clock.advance(3600)
+        for sweeper in sweepers:
+            self.successResultOf(defer.maybeDeferred(sweeper.leased_tick))
+        self.assertEqual(len(swept), 1)
+        self.assertEqual(self.kept(), ["c.test"])
+        self.clock.advance(3600)
+        for sweeper in sweepers:
+            self.successResultOf(defer.maybeDeferred(sweeper.leased_tick))
+        self.assertEqual(len(swept), 2)
+
+
 class QueuePolicyTests(QueueTestCase):
     """The queue's runner with a scripted next hop: an enforce policy's hop that offers no
     STARTTLS is deferred 4.7.5 and gets nothing; under testing it gets the mail."""
@@ -586,6 +644,10 @@ def thd_tables(conn: sa.Connection) -> set[str]:
     return set(sa.inspect(conn).get_table_names())
 
 
+def thd_indexes(conn: sa.Connection) -> set[str]:
+    return {str(i["name"]) for i in sa.inspect(conn).get_indexes("mta_sts_policies")}
+
+
 class MigrationMixin(DatabaseMixin):
     timeout = 120
 
@@ -598,6 +660,7 @@ class MigrationMixin(DatabaseMixin):
         await db.run("w", thd_write_policy, "example.test", policy)
         await db.run("w", thd_write_policy, "example.test", policy)  # replaced, no error
         self.assertEqual(await db.read("r", thd_read_policy, "example.test"), policy)
+        self.assertIn("ix_mta_sts_policies_expires_at", await db.read("i", thd_indexes))
         await threads.deferToThread(downgrade_to, db.engine, BEFORE)
         self.assertNotIn("mta_sts_policies", await db.read("t", thd_tables))
 

@@ -194,6 +194,15 @@ class CoreWiringTests(TestCase):
         self.assertEqual(core.metrics.get_sample_value(
             "mailcore_smtp_verify_probes_total", {"result": "deliverable"}), 1)
 
+    def test_expired_mta_sts_policies_are_swept_on_one_node(self) -> None:
+        from mailcore.queue.mtasts import PolicySweeper
+
+        core, _ = self.core(Config(), tls=False)
+        [sweeper] = [s for s in core.background_services() if isinstance(s, PolicySweeper)]
+        self.assertIs(sweeper.db, core.db)
+        self.assertEqual(sweeper.interval(), 3600.0)
+        self.assertIsNotNone(sweeper.leases)  # one node sweeps per period
+
     def test_bad_domains_settings_are_one_line_naming_the_key(self) -> None:
         for section, key in (({"refresh_interval": 0}, "refresh_interval"),
                              ({"poll_interval": -1}, "poll_interval"),

@@ -22,7 +22,8 @@ domain publishes a policy, as Postfix with postfix-mta-sts-resolver does:
   the TXT id it was fetched under: it is fetched again when the TXT record's id changes or
   once it has expired (fetched_at + max_age), and a failed fetch, or a TXT record gone, keeps
   the cached policy until it expires (5.1, 10.2): an attacker who strips the record later
-  changes nothing.
+  changes nothing. Expired rows are deleted every hour (`PolicySweeper`, on one node of
+  those sharing the store).
 
 What a policy does (the router applies it, `Router._mx`): `enforce` keeps only the MX hosts
 that match one of its patterns (none left: the mail is deferred 4.7.5, never sent
@@ -46,7 +47,7 @@ from http.cookiejar import Cookie
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, delete, select
 from treq.cookies import IndexableCookieJar
 from twisted.internet import defer, ssl
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -59,6 +60,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone
 
 from mailcore.netpolicy import AddressCheck, AddressPolicy, AddressRefused, GuardedEndpoint
+from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
 from mailcore.store.schema import mta_sts_policies
@@ -91,6 +93,10 @@ TXT_TIMEOUT = 10.0
 # hostile wildcard domain's, say) otherwise made every other domain's fetch wait its turn
 # without end, and that domain's mail with it.
 FETCH_WAIT = 2 * FETCH_TIMEOUT
+# How often expired policies are deleted from the store (PolicySweeper), and how many rows a
+# transaction deletes.
+SWEEP_INTERVAL = 3600.0
+SWEEP_BATCH = 1000
 # Domains whose answer is kept in memory at most (then the memory starts again).
 _MEMORY_LIMIT = 4096
 MODES = ("enforce", "testing", "none")
@@ -243,6 +249,34 @@ def thd_write_policy(conn: Connection, domain: str, policy: Policy) -> None:
 
         conn.execute(sqlite_insert(mta_sts_policies).values(**values)
                      .on_conflict_do_update(index_elements=["domain"], set_=changed))
+
+
+def thd_sweep_policies(conn: Connection, now: float, batch: int) -> int:
+    """Blocking: delete up to `batch` of the policies expired by `now` (they count for
+    nothing: `PolicyFinder` takes an expired one as none); how many."""
+    p = mta_sts_policies.c
+    domains = select(p.domain).where(p.expires_at <= now).limit(batch).scalar_subquery()
+    return int(conn.execute(
+        delete(mta_sts_policies).where(p.domain.in_(domains))).rowcount or 0)
+
+
+class PolicySweeper(Sweeper[int]):
+    """Deletes the expired policies every SWEEP_INTERVAL seconds, SWEEP_BATCH a transaction
+    (on one node of those sharing the store: the Core gives it the job leases). Without it
+    the rows of every domain ever mailed by MX stayed for good."""
+
+    name = "mta-sts-policy-sweeper"
+    failed = "sweeping the expired MTA-STS policies failed"
+
+    def __init__(self, db: Database, clock: IReactorTime,
+                 every: float = SWEEP_INTERVAL) -> None:
+        super().__init__(clock, every)
+        self.db = db
+
+    def sweep(self) -> Deferred[int]:
+        return Deferred.fromCoroutine(delete_in_batches(
+            self.db, "mta_sts_sweep", thd_sweep_policies, self.clock.seconds(),
+            batch=SWEEP_BATCH))
 
 
 class TXTResolver(Protocol):

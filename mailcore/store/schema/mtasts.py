@@ -7,9 +7,10 @@ One row per domain (`domain`, lower-cased, without a trailing dot): the id of th
 (`_mta-sts.<domain>`) the policy was fetched under (`policy_id`: a new id fetches it again),
 its `mode` (enforce, testing or none), its `mx` patterns (one a line), its `max_age` (seconds,
 at most 31557600), when it was fetched (`fetched_at`) and when it stops counting
-(`expires_at`, fetched_at + max_age; epoch seconds)."""
+(`expires_at`, fetched_at + max_age; epoch seconds; indexed: an expired row counts for
+nothing and is deleted by the hourly sweep, mailcore.queue.mtasts.PolicySweeper)."""
 
-from sqlalchemy import Column, Float, Integer, String, Table, Text
+from sqlalchemy import Column, Float, Index, Integer, String, Table, Text
 
 from mailcore.store.schema.meta import metadata
 
@@ -23,4 +24,5 @@ mta_sts_policies = Table(
     Column("max_age", Integer, nullable=False),
     Column("fetched_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
+    Index("ix_mta_sts_policies_expires_at", "expires_at"),  # the sweep
 )

@@ -2,7 +2,8 @@
 mailcore.queue.mtasts): one row per domain, its TXT id, mode, MX patterns, max_age, when it
 was fetched and when it expires, shared by the nodes of one store.
 
-Upgrade: the table, empty (each domain's policy is fetched at its next delivery). Downgrade:
+Upgrade: the table, empty, `expires_at` indexed (the hourly sweep of expired rows,
+mailcore.queue.mtasts.PolicySweeper) (each domain's policy is fetched at its next delivery). Downgrade:
 it goes (the policies are fetched again; until then a downgrade attack on a domain whose
 policy was cached is not noticed).
 
@@ -33,7 +34,9 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("domain", name=op.f("pk_mta_sts_policies")),
     )
+    op.create_index("ix_mta_sts_policies_expires_at", "mta_sts_policies", ["expires_at"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_mta_sts_policies_expires_at", table_name="mta_sts_policies")
     op.drop_table("mta_sts_policies")
