@@ -360,6 +360,27 @@ class RouterPolicyTests(TestCase):
         self.assertEqual(one, two)
         self.assertEqual(len({one, two}), 1)
 
+    async def test_a_policy_the_store_cannot_keep_is_used_all_the_same(self) -> None:
+        """A failed write of a good policy is logged, not a failed route (it was deferred
+        ROUTING_FAILED, the policy lost)."""
+        run = self.db.run
+
+        def run_or_fail(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name == "mta_sts_store":
+                return defer.fail(RuntimeError("the store is gone"))
+            return run(name, *args, **kwargs)
+
+        self.db.run = run_or_fail  # type: ignore[method-assign]
+        router = self.router()
+        hop = await router.route(None, "u@example.test")
+        self.assertEqual((hop.host, hop.fallbacks, hop.tls, hop.sts),
+                         ("mx1.example.test", (), "verify", "enforce"))
+        self.assertIsNone(self.stored())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # Kept in memory: the next route neither fetches nor fails.
+        await router.route(None, "u@example.test")
+        self.assertEqual(self.fetcher.fetched, ["example.test"])
+
     async def test_testing_mode_routes_as_without_a_policy(self) -> None:
         self.fetcher.texts["example.test"] = ENFORCE.replace("enforce", "testing")
         hop = await self.router().route(None, "u@example.test")

@@ -22,7 +22,8 @@ domain publishes a policy, as Postfix with postfix-mta-sts-resolver does:
   the TXT id it was fetched under: it is fetched again when the TXT record's id changes or
   once it has expired (fetched_at + max_age), and a failed fetch, or a TXT record gone, keeps
   the cached policy until it expires (5.1, 10.2): an attacker who strips the record later
-  changes nothing. Expired rows are deleted every hour (`PolicySweeper`, on one node of
+  changes nothing; a write to the store that fails is logged, the policy used all the
+  same. Expired rows are deleted every hour (`PolicySweeper`, on one node of
   those sharing the store).
 
 What a policy does (the router applies it, `Router._mx`): `enforce` keeps only the MX hosts
@@ -60,6 +61,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone
 
 from mailcore.netpolicy import AddressCheck, AddressPolicy, AddressRefused, GuardedEndpoint
+from mailcore.outages import log_failure
 from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
@@ -509,7 +511,13 @@ class PolicyFinder:
                      error=str(e) or type(e).__name__,
                      kept="; the cached policy stays in force" if cached is not None else "")
             return cached
-        await self.db.run("mta_sts_store", thd_write_policy, domain, fetched)
+        try:
+            await self.db.run("mta_sts_store", thd_write_policy, domain, fetched)
+        except Exception:
+            # Best effort: the policy fetched is good and is used (and kept in memory);
+            # only the other nodes, and a restart, miss it until the next fetch.
+            log_failure(log, "keeping the MTA-STS policy of {domain} in the store failed; "
+                        "it is used all the same", domain=domain)
         return fetched
 
     @staticmethod
