@@ -381,6 +381,22 @@ class RouterPolicyTests(TestCase):
         await router.route(None, "u@example.test")
         self.assertEqual(self.fetcher.fetched, ["example.test"])
 
+    async def test_a_policy_of_max_age_0_lasts_a_route_cache_period(self) -> None:
+        """Not fetched again at every route (before, each route fetched it)."""
+        self.fetcher.texts["example.test"] = ENFORCE.replace("86400", "0")
+        router = self.router(route_cache_seconds=30.0)
+        for _ in range(3):
+            hop = await router.route(None, "u@example.test")
+            self.assertEqual((hop.host, hop.sts), ("mx1.example.test", "enforce"))
+        self.clock.advance(10)
+        await router.route(None, "u@example.test")
+        # Another node (or a restart): the store's row counts for the period too.
+        await self.router(route_cache_seconds=30.0).route(None, "u@example.test")
+        self.assertEqual(self.fetcher.fetched, ["example.test"])
+        self.clock.advance(21)
+        await router.route(None, "u@example.test")
+        self.assertEqual(self.fetcher.fetched, ["example.test"] * 2)
+
     async def test_testing_mode_routes_as_without_a_policy(self) -> None:
         self.fetcher.texts["example.test"] = ENFORCE.replace("enforce", "testing")
         hop = await self.router().route(None, "u@example.test")

@@ -20,7 +20,8 @@ domain publishes a policy, as Postfix with postfix-mta-sts-resolver does:
   (at most 31557600 s, one year); a policy that breaks any of it is ignored;
 - cached in the store (table `mta_sts_policies`, migration 0070, shared by the nodes), with
   the TXT id it was fetched under: it is fetched again when the TXT record's id changes or
-  once it has expired (fetched_at + max_age), and a failed fetch, or a TXT record gone, keeps
+  once it has expired (fetched_at + max_age, route_cache_seconds at the least: a policy
+  whose max_age is 0 is not fetched at every route), and a failed fetch, or a TXT record gone, keeps
   the cached policy until it expires (5.1, 10.2): an attacker who strips the record later
   changes nothing; a write to the store that fails is logged, the policy used all the
   same. Expired rows are deleted every hour (`PolicySweeper`, on one node of
@@ -482,13 +483,21 @@ class PolicyFinder:
             self._memory.clear()
         keep = self.settings.route_cache_seconds
         if found is not None:
-            keep = min(keep, found.expires_at - now)
+            keep = min(keep, self._lasts(found) - now)
         self._memory[domain] = (now + keep, found)
         return found
 
+    def _lasts(self, policy: Policy) -> float:
+        """Until when `policy` counts: its expiry, but route_cache_seconds after its fetch
+        at the least. A policy whose max_age is 0 (or a few seconds) was otherwise fetched
+        again at every route, every message to the domain waiting for a fetch; RFC 8461
+        (3.2, 5.1) lets a sender cache it up to max_age, and a period this short past it
+        changes nothing that matters."""
+        return max(policy.expires_at, policy.fetched_at + self.settings.route_cache_seconds)
+
     async def _find(self, domain: str, resolver: TXTResolver, now: float) -> Policy | None:
         cached = await self.db.read("mta_sts_policy", thd_read_policy, domain)
-        if cached is not None and cached.expires_at <= now:
+        if cached is not None and self._lasts(cached) <= now:
             cached = None
         try:
             policy_id = await self._lookups.run(
