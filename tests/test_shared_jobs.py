@@ -58,6 +58,7 @@ from mailcore.messages.models import FetchedMessage, Location
 from mailcore.messages.store import MessageStore
 from mailcore.oauth import OAuthPruner
 from mailcore.periodic import PeriodicService
+from mailcore.queue.mtasts import PolicySweeper
 from mailcore.queue.spool import Withdrawn
 from mailcore.ratelimits import SWEEP_INTERVAL, BucketSweeper
 from mailcore.safedrop.model import SafedropSettings
@@ -829,6 +830,11 @@ class SharedJobsMixin(DatabaseMixin):
         await self.one_node_per_period(SafedropSweeper, "safedrop", "sweep",
                                        period=SafedropSettings().sweep_interval)
 
+    async def test_the_mta_sts_policy_sweep_runs_on_one_node_per_period(self) -> None:
+        """The expired MTA-STS policies (mta_sts_policies, shared) are deleted by one node
+        per hour, not by each."""
+        await self.one_node_per_period(PolicySweeper, "", "sweep")
+
     async def test_the_old_jobs_sweep_runs_on_one_node_per_period(self) -> None:
         """The items of the migrates and restores past `[dropmyemail]
         jobs_kept_per_account` are deleted by one node per FORGET_INTERVAL, in batches."""
@@ -846,7 +852,8 @@ class SharedJobsMixin(DatabaseMixin):
     async def one_node_per_period(self, kind: type[PeriodicService], service: str, method: str,
                                   result: object = 0, period: float = 3600.0) -> None:
         """Of two nodes' Cores, one runs the `kind` sweep (the Core's `service`'s `method`,
-        here answering `result`) each `period` seconds."""
+        or the sweeper's own when `service` is "", here answering `result`) each `period`
+        seconds."""
         a, b = await self.two_stores()
         clock = Clock()
         clock.advance(START)
@@ -861,8 +868,9 @@ class SharedJobsMixin(DatabaseMixin):
                 swept.append(node)
                 return result
 
-            setattr(getattr(core, service), method, sweep)
-            sweepers.append(next(s for s in core.background_services() if isinstance(s, kind)))
+            sweeper = next(s for s in core.background_services() if isinstance(s, kind))
+            setattr(getattr(core, service) if service else sweeper, method, sweep)
+            sweepers.append(sweeper)
         await gather(sweepers[0].leased_tick(), sweepers[1].leased_tick())
         self.assertEqual(len(swept), 1)
         clock.advance(period / 2)  # within the period: neither sweeps again
