@@ -12,9 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer, error
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.names import dns
 from twisted.python.failure import Failure
@@ -30,6 +29,7 @@ from mailcore.queue.settings import QueueSettings
 from tests.support.cli import cli_command
 from tests.support.db import synchronous_database
 from tests.support.mailsink import done, envelope, thd_add_domain
+from tests.support.names import FakeNames
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, tempdir_for
 from tests.support.web import Web
@@ -39,23 +39,6 @@ BODY = b"From: a@x.test\r\nSubject: hello\r\n\r\nbody line\r\n"
 LOOPBACK_REFUSED = "loopback (allow with [queue] allow_loopback = true)"
 PRIVATE_REFUSED = ("private (allow with [queue] allow_private = true, or the network in "
                    "[queue] allow_networks)")
-
-
-class FakeNames:
-    """The reactor's name resolver (IReactorPluggableNameResolver) from a table."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-        self.asked: list[str] = []
-
-    def resolveHostName(self, receiver: IResolutionReceiver, host: str, port: int = 0,
-                        *args: Any, **kwargs: Any) -> Any:
-        self.asked.append(host)
-        receiver.resolutionBegan(None)  # type: ignore[arg-type]
-        for address in self.table.get(host, []):
-            kind = IPv6Address if ":" in address else IPv4Address
-            receiver.addressResolved(kind("TCP", address, port))
-        receiver.resolutionComplete()
 
 
 class FakeMX:

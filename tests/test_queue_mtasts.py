@@ -12,9 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from twisted.internet import defer, threads
-from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import SSL4ServerEndpoint
-from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
@@ -51,6 +49,7 @@ from mailcore.store.migrate import downgrade_to
 from tests.support.db import DatabaseMixin, synchronous_database
 from tests.support.logs import logged
 from tests.support.mailsink import done, envelope
+from tests.support.names import FakeNames
 from tests.support.queuetest import BODY, QueueTestCase
 from tests.support.reactor import get_reactor
 from tests.support.servers import tempdir_for
@@ -120,20 +119,6 @@ class ParseTests(TestCase):
         self.assertIsNone(parse_txt(["v=STSv1; id=not-alnum;"]))
         self.assertIsNone(parse_txt(["v=STSv1;"]))
         self.assertIsNone(parse_txt([]))
-
-
-class FakeNames:
-    """A name resolver that answers from a table, at once."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-
-    def resolveHostName(self, receiver: IResolutionReceiver, host: str, port: int = 0,
-                        *args: Any) -> Any:
-        receiver.resolutionBegan(None)  # type: ignore[arg-type]
-        for address in self.table.get(host, []):
-            receiver.addressResolved(IPv4Address("TCP", address, port))
-        receiver.resolutionComplete()
 
 
 class NamedReactor:

@@ -12,7 +12,6 @@ from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectionAborted, ConnectionDone
-from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -36,6 +35,7 @@ from mailcore.webhooks.client import MAX_ANSWER_BYTES, _GuardedEndpoint, guarded
 from mailcore.webhooks.sender import WebhookSender
 from tests.support.cli import cli_command
 from tests.support.imap2api import Receiver, client, config, live_api
+from tests.support.names import FakeNames
 from tests.support.pg import create_test_database
 from tests.support.reactor import get_reactor
 from tests.support.servers import CommandResult, sleep, tempdir_for
@@ -43,24 +43,10 @@ from tests.support.web import Web
 from tests.support.webhooks import sync_ended
 
 
-class FakeResolver:
-    """A name resolver that answers from a table, at once."""
-
-    def __init__(self, table: dict[str, list[str]]) -> None:
-        self.table = table
-
-    def resolveHostName(self, receiver: IResolutionReceiver, host: str, port: int = 0,
-                        *args: Any) -> Any:
-        receiver.resolutionBegan(None)  # type: ignore[arg-type]
-        for address in self.table.get(host, []):
-            receiver.addressResolved(IPv4Address("TCP", address, port))
-        receiver.resolutionComplete()
-
-
 class GuardedEndpointTests(TestCase):
     def endpoint(self, table: dict[str, list[str]], url: bytes, **settings: Any) -> Any:
         reactor = MemoryReactorClock()
-        reactor.nameResolver = FakeResolver(table)  # type: ignore[assignment]
+        reactor.nameResolver = FakeNames(table)  # type: ignore[assignment]
         policy = AddressPolicy(WebhookSettings.from_section(settings))
         return reactor, _GuardedEndpoint(reactor, policy, URI.fromBytes(url), 5.0)
 
@@ -122,14 +108,14 @@ class HostileReceiverTests(TestCase):
     """The guarded client under a sender, against a receiver played byte by byte in memory."""
 
     web: Web
-    resolver: FakeResolver
+    resolver: FakeNames
 
     async def setup(self, names: dict[str, list[str]] | None = None,
                     **settings: Any) -> tuple[MemoryReactorClock, Any]:
         web = self.web = Web.build(config(webhooks={"poll_interval": 1, **settings}))
         alice = await client(web)
         reactor = MemoryReactorClock()
-        self.resolver = FakeResolver(
+        self.resolver = FakeNames(
             {"hooks.example.com": ["93.184.216.34"]} if names is None else names
         )
         reactor.nameResolver = self.resolver  # type: ignore[assignment]
