@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import random
-import time
 import tracemalloc
 from collections.abc import Sequence
 from email.utils import format_datetime
@@ -49,6 +48,7 @@ from tests.support.db import MixinBase
 from tests.support.fetchenv import FetchEnv, make_env
 from tests.support.reactor import get_reactor
 from tests.support.servers import sleep
+from tests.test_fetch_bulk import feed_in_reads
 
 
 def connected(**kw: Any) -> tuple[POP3Session, StringTransport]:
@@ -270,14 +270,6 @@ class RetrieveUnitTests(TestCase):
         self.assertIsNone(session.error)
 
 
-def feed_in_reads(session: POP3Session, data: bytes, size: int) -> float:
-    """Seconds `session` takes to read `data` given `size` bytes at a time."""
-    began = time.perf_counter()
-    for i in range(0, len(data), size):
-        session.dataReceived(data[i : i + size])
-    return time.perf_counter() - began
-
-
 class LongLineUnitTests(TestCase):
     """LineOnlyReceiver joined each read to what it held of the line and searched it all
     again for CRLF: a line of 1 MiB (MAX_LENGTH) trickled 256 bytes at a time held the
@@ -289,7 +281,8 @@ class LongLineUnitTests(TestCase):
         for size in (len(line) + 20, 256):
             session, _transport = connected()
             d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
-            times.append(feed_in_reads(session, b"+OK\r\n" + line + b"\r\n.\r\n", size))
+            times.append(feed_in_reads(session.dataReceived,
+                                       b"+OK\r\n" + line + b"\r\n.\r\n", size))
             self.assertEqual(self.successResultOf(d), line + b"\r\n")
         whole, in_reads = times
         self.assertLess(in_reads, 10 * whole + 0.2, times)
@@ -298,7 +291,8 @@ class LongLineUnitTests(TestCase):
         for size in (1, 2, 3, 7):
             session, _transport = connected()
             d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
-            feed_in_reads(session, b"+OK\r\nSubject: x\r\n\r\n..dot\rcr\nlf\r\n.\r\n", size)
+            feed_in_reads(session.dataReceived,
+                          b"+OK\r\nSubject: x\r\n\r\n..dot\rcr\nlf\r\n.\r\n", size)
             self.assertEqual(self.successResultOf(d), b"Subject: x\r\n\r\n.dot\rcr\nlf\r\n")
             self.assertIsNone(session.error)
 
@@ -325,7 +319,8 @@ class ShortLineUnitTests(TestCase):
             session, _transport = connected()
             d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
             block = (line + b"\r\n") * (65536 // (len(line) + 2))
-            times.append(feed_in_reads(session, b"+OK\r\n" + block * 64 + b".\r\n", 65536))
+            times.append(feed_in_reads(session.dataReceived,
+                                       b"+OK\r\n" + block * 64 + b".\r\n", 65536))
             self.assertEqual(self.successResultOf(d), block * 64)
         long_lines, short_lines = times
         self.assertLess(short_lines, 10 * long_lines + 0.2, times)
@@ -339,7 +334,7 @@ class ShortLineUnitTests(TestCase):
         for size in (1, 2, 3, 4, 5, 7, 11, len(sent) + 8):
             session, _transport = connected()
             d = defer.Deferred.fromCoroutine(session.retrieve_bytes(0))
-            feed_in_reads(session, b"+OK\r\n" + sent + b".\r\n", size)
+            feed_in_reads(session.dataReceived, b"+OK\r\n" + sent + b".\r\n", size)
             self.assertEqual(self.successResultOf(d), expected, size)
             self.assertIsNone(session.error)
 
