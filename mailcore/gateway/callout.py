@@ -374,7 +374,7 @@ class RecipientVerifier(Service):
             connection.refusals += 1
         # The answer is in: what the connection does next (idle, or QUIT, awaited up to
         # QUIT_TIMEOUT) is not counted in verify_timeout, but it holds the hop's slot.
-        self._give_back(hop, pool, connection, reusable=reply.code != 421)
+        self._give_back(hop, pool, connection)
         text = quoted(str(reply))
         if reply.ok:
             return Verdict(DELIVERABLE, text)
@@ -382,15 +382,15 @@ class RecipientVerifier(Service):
             return Verdict(UNDELIVERABLE, text)
         return Verdict(UNKNOWN, text)
 
-    def _give_back(self, hop: Hop, pool: _HopConnections, connection: _Connection, *,
-                   reusable: bool) -> None:
+    def _give_back(self, hop: Hop, pool: _HopConnections, connection: _Connection) -> None:
         """After a probe: the connection to the next probe waiting for the hop, else idle
         for PROBE_IDLE seconds; closed (QUIT) instead when it cannot take another (its
-        RSET was not answered 250, a 421, PROBES_PER_CONNECTION or REFUSALS_PER_CONNECTION
-        reached) or, no probe waiting for it, the verifier is stopping (a waiting probe
-        would otherwise open a new connection once this one is closed)."""
+        transaction still open: a 421, which `probe` follows with no RSET, or an RSET not
+        answered 250; PROBES_PER_CONNECTION or REFUSALS_PER_CONNECTION reached) or, no
+        probe waiting for it, the verifier is stopping (a waiting probe would otherwise
+        open a new connection once this one is closed)."""
         session = connection.session
-        if (not reusable or not session.usable or session.in_transaction
+        if (not session.usable or session.in_transaction
                 or connection.probes >= PROBES_PER_CONNECTION
                 or connection.refusals >= REFUSALS_PER_CONNECTION):
             self._quit(hop, pool, connection)
