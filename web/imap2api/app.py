@@ -282,10 +282,12 @@ class Imap2ApiApp(ApiApp):
         """`q` keeps the servers whose name, host or username holds each of its words
         (any case), as the seed's service searches them (DRF's SearchFilter)."""
         user_id = await self.user_id(request)
-        terms = [t.casefold() for t in search_terms(drf_query(request))]
+        params = drf_query(request)
+        terms = [t.casefold() for t in search_terms(params)]
         found = [a for a in await self.accounts.list_accounts(user_id, protocol="imap")
                  if _holds_each(terms, (a.name, a.host, a.username))]
-        return self.reply(request, await paginate(request, list_page(found), server_json))
+        return self.reply(request,
+                          await paginate(request, list_page(found), server_json, params))
 
     @routes.route(
         both("/imap-servers/"),
@@ -646,7 +648,8 @@ class Imap2ApiApp(ApiApp):
     )
     async def list_deliveries(self, request: IRequest, webhook_id: int) -> bytes:
         user_id = await self.user_id(request)
-        status = drf_query(request).get("status") or None
+        params = drf_query(request)
+        status = params.get("status") or None
 
         async def fetch(offset: int, limit: int) -> StorePage[Delivery]:
             with refusals():
@@ -654,4 +657,4 @@ class Imap2ApiApp(ApiApp):
                     user_id, webhook_id, status=status, offset=offset, limit=limit
                 )
 
-        return self.reply(request, await paginate(request, fetch, delivery_json))
+        return self.reply(request, await paginate(request, fetch, delivery_json, params))
