@@ -227,8 +227,7 @@ class AccessLogTests(TestCase):
             ("/\u00e9/drop/t0k", "/\u00e9/drop/t0k"),
             ("/drop/\u00e9t0k", "/drop/[redacted]"),
         ]:
-            self.assertEqual(rule.path(path.encode("latin-1").decode("unicode_escape")
-                                       .encode()), shown, path)
+            self.assertEqual(rule.path(path.encode()), shown, path)
         # A pattern that starts with `*` or `{secret}` may match any path.
         anywhere = RedactionRule(params=frozenset(), paths=("*/{secret}",))
         self.assertEqual(anywhere.path(b"/api/emails/"), "/api/[redacted]/")
