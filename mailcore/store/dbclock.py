@@ -65,8 +65,9 @@ class DatabaseTime:
     @offset.setter
     def offset(self, value: float) -> None:
         # `seconds` is read many times per relayed message (timers, leases, the spool,
-        # the SMTP sessions): with no offset (SQLite, or a node in step with PostgreSQL)
-        # it is the reactor's own, with no call of ours around it.
+        # the SMTP sessions): with no offset (SQLite, where it stays 0) it is the
+        # reactor's own, with no call of ours around it. A PostgreSQL offset, measured
+        # from two reads of two clocks, is almost never exactly 0.
         self._offset = value
         if value:
             self.__dict__.pop("seconds", None)
