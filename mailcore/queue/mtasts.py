@@ -61,6 +61,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, ResponseDone
 
+from mailcore.messages.sql import dialect_insert
 from mailcore.netpolicy import AddressCheck, AddressPolicy, AddressRefused, GuardedEndpoint
 from mailcore.outages import log_failure
 from mailcore.periodic import Sweeper, delete_in_batches
@@ -241,17 +242,8 @@ def thd_write_policy(conn: Connection, domain: str, policy: Policy) -> None:
     changed = {"policy_id": policy.policy_id, "mode": policy.mode, "mx": "\n".join(policy.mx),
                "max_age": policy.max_age, "fetched_at": policy.fetched_at,
                "expires_at": policy.expires_at}
-    values = {"domain": domain, **changed}
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        conn.execute(pg_insert(mta_sts_policies).values(**values)
-                     .on_conflict_do_update(index_elements=["domain"], set_=changed))
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        conn.execute(sqlite_insert(mta_sts_policies).values(**values)
-                     .on_conflict_do_update(index_elements=["domain"], set_=changed))
+    conn.execute(dialect_insert(conn)(mta_sts_policies).values(domain=domain, **changed)
+                 .on_conflict_do_update(index_elements=["domain"], set_=changed))
 
 
 def thd_sweep_policies(conn: Connection, now: float, batch: int) -> int:
