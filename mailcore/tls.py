@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,6 +27,22 @@ log = Logger()
 # Twisted 26's default is the same, enforced with OP_NO_TLSv1/OP_NO_TLSv1_1 whatever the
 # distribution's openssl.cnf says; named here so that no Twisted default decides it.
 TLS_FLOOR = ssl.TLSVersion.TLSv1_2
+
+
+def trust_roots(ca_file: str) -> Any:
+    """The roots a peer's certificate is verified against: the PEM file `ca_file` (a
+    private CA) when one is given, else the system's (the queue's next hops and MTA-STS
+    policy hosts, `[queue] tls_ca_file`)."""
+    if ca_file:
+        return ssl.Certificate.loadPEM(Path(ca_file).read_bytes())
+    return ssl.platformTrust()
+
+
+def verifying_options(host: str, trust: Any) -> Any:
+    """Client TLS options (TLS_FLOOR at the least) whose handshake fails unless the peer's
+    certificate verifies against `trust` and names `host`."""
+    return ssl.optionsForClientTLS(host, trustRoot=trust,
+                                   extraCertificateOptions={"raiseMinimumTo": TLS_FLOOR})
 
 
 def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:

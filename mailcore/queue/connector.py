@@ -15,7 +15,6 @@ refusal is a `NextHopRefused`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, ssl
@@ -29,7 +28,7 @@ from mailcore.queue.routing import Hop
 from mailcore.queue.runner import Connector
 from mailcore.queue.settings import QueueSettings
 from mailcore.smtp.client import SMTPClientProtocol, SMTPSession, client_factory
-from mailcore.tls import TLS_FLOOR
+from mailcore.tls import TLS_FLOOR, trust_roots, verifying_options
 
 # The addresses of one next-hop name tried at most (each may take `connect_timeout`): a
 # name with a hundred unanswering addresses held a connection attempt for 50 minutes.
@@ -111,10 +110,5 @@ class TCPConnector(Connector):
         if not verify:
             return ssl.CertificateOptions(raiseMinimumTo=TLS_FLOOR)
         if self._trust is None:
-            if self.settings.tls_ca_file:
-                pem = Path(self.settings.tls_ca_file).read_bytes()
-                self._trust = ssl.Certificate.loadPEM(pem)
-            else:
-                self._trust = ssl.platformTrust()
-        return ssl.optionsForClientTLS(hop.host, trustRoot=self._trust,
-                                       extraCertificateOptions={"raiseMinimumTo": TLS_FLOOR})
+            self._trust = trust_roots(self.settings.tls_ca_file)
+        return verifying_options(hop.host, self._trust)

@@ -46,12 +46,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from http.cookiejar import Cookie
-from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, delete, select
 from treq.cookies import IndexableCookieJar
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectingCancelledError
@@ -68,7 +67,7 @@ from mailcore.periodic import Sweeper, delete_in_batches
 from mailcore.queue.settings import QueueSettings
 from mailcore.store import Database
 from mailcore.store.schema import mta_sts_policies
-from mailcore.tls import TLS_FLOOR
+from mailcore.tls import trust_roots, verifying_options
 
 log = Logger()
 
@@ -347,9 +346,7 @@ class _PolicyEndpoints:
         endpoint = GuardedEndpoint(self.reactor, self.policy, host, self.port, self.timeout,
                                    refusal="is not an address an MTA-STS policy may come "
                                            "from")
-        options = ssl.optionsForClientTLS(host, trustRoot=self.trust,
-                                          extraCertificateOptions={"raiseMinimumTo": TLS_FLOOR})
-        return wrapClientTLS(options, endpoint)
+        return wrapClientTLS(verifying_options(host, self.trust), endpoint)
 
 
 class PolicyFetcher:
@@ -367,13 +364,9 @@ class PolicyFetcher:
             from treq.client import HTTPClient
             from twisted.web.client import Agent, HTTPConnectionPool
 
-            if self.settings.tls_ca_file:
-                trust: Any = ssl.Certificate.loadPEM(Path(self.settings.tls_ca_file)
-                                                     .read_bytes())
-            else:
-                trust = ssl.platformTrust()
             endpoints = _PolicyEndpoints(self.reactor, AddressPolicy(self.settings, "queue"),
-                                         trust, self.port, FETCH_TIMEOUT)
+                                         trust_roots(self.settings.tls_ca_file), self.port,
+                                         FETCH_TIMEOUT)
             agent = Agent.usingEndpointFactory(
                 self.reactor, endpoints, pool=HTTPConnectionPool(self.reactor, persistent=False))
             self._client = HTTPClient(agent, cookiejar=_NoCookies())
