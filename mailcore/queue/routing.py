@@ -312,14 +312,14 @@ class Router:
         policy = await self.sts.policy(domain, self._resolver)  # type: ignore[arg-type]
         if policy is None or policy.mode == "none":
             return hop
-        hosts = hosts[:MAX_MX_HOSTS] if policy.mode == "testing" else hosts
-        matching = [h for h in hosts if policy.matches(h)]
         if policy.mode == "testing":
-            if len(matching) < len(hosts) and self._sts_quiet.due(domain):
+            unlisted = [h for h in (hop.host, *hop.fallbacks) if not policy.matches(h)]
+            if unlisted and self._sts_quiet.due(domain):
                 log.warn("MTA-STS policy of {domain} (testing) does not list MX {hosts}; "
                          "delivering as without a policy", domain=domain,
-                         hosts=", ".join(h for h in hosts if h not in matching))
+                         hosts=", ".join(unlisted))
             return replace(hop, sts="testing", sts_domain=domain)
+        matching = [h for h in hosts if policy.matches(h)]
         if not matching:
             raise RoutingError(
                 f"no MX host of {domain} ({', '.join(hosts)}) is listed by its MTA-STS "
