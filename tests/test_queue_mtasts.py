@@ -264,12 +264,11 @@ class FakeDNS:
         self.asked_txt.append(name)
         if name not in self.txt:
             return defer.fail(DNSNameError(name))
+        answer: Any = ([dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(r.encode()))
+                        for r in self.txt[name]], [], [])
         if self.hold is not None:
-            answer: Any = ([dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(r.encode()))
-                       for r in self.txt[name]], [], [])
             return self.hold.addCallback(lambda _: answer)
-        return defer.succeed(([dns.RRHeader(name, dns.TXT, payload=dns.Record_TXT(r.encode()))
-                               for r in self.txt[name]], [], []))
+        return defer.succeed(answer)
 
 
 class FakeFetcher:
@@ -646,7 +645,6 @@ class QueuePolicyTests(QueueTestCase):
         self.assertEqual(rcpt.state, "delivered")
         self.assertEqual(len(self.connector.delivered), 1)
 
-
     async def test_a_testing_policy_host_without_starttls_is_warned_of_once(self) -> None:
         warned = logged(self, lambda e: "offers no STARTTLS" in e.get("log_format", ""))
         self.fetcher.texts["example.test"] = ENFORCE.replace("enforce", "testing")
@@ -658,6 +656,7 @@ class QueuePolicyTests(QueueTestCase):
         self.assertEqual(len(self.connector.connects), 3)
         self.assertEqual(len(warned), 1)
         self.assertIn("mx1.example.test", warned[0])
+
 
 BEFORE = "0069_ids_never_reused"  # the revision 0070_mta_sts_policies builds on
 
