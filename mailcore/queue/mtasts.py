@@ -21,11 +21,11 @@ domain publishes a policy, as Postfix with postfix-mta-sts-resolver does:
 - cached in the store (table `mta_sts_policies`, migration 0070, shared by the nodes), with
   the TXT id it was fetched under: it is fetched again when the TXT record's id changes or
   once it has expired (fetched_at + max_age, route_cache_seconds at the least: a policy
-  whose max_age is 0 is not fetched at every route), and a failed fetch, or a TXT record gone, keeps
-  the cached policy until it expires (5.1, 10.2): an attacker who strips the record later
-  changes nothing; a write to the store that fails is logged, the policy used all the
-  same. Expired rows are deleted every hour (`PolicySweeper`, on one node of
-  those sharing the store).
+  whose max_age is 0 is not fetched at every route), and a failed fetch, or a TXT record
+  gone, keeps the cached policy until it expires (5.1, 10.2): an attacker who strips the
+  record later changes nothing; a write to the store that fails is logged, the policy used
+  all the same. Expired rows are deleted every hour (`PolicySweeper`, on one node of those
+  sharing the store).
 
 What a policy does (the router applies it, `Router._mx`): `enforce` keeps only the MX hosts
 that match one of its patterns (none left: the mail is deferred 4.7.5, never sent

@@ -2,10 +2,10 @@
 mailcore.queue.mtasts): one row per domain, its TXT id, mode, MX patterns, max_age, when it
 was fetched and when it expires, shared by the nodes of one store.
 
-Upgrade: the table, empty, `expires_at` indexed (the hourly sweep of expired rows,
-mailcore.queue.mtasts.PolicySweeper) (each domain's policy is fetched at its next delivery). Downgrade:
-it goes (the policies are fetched again; until then a downgrade attack on a domain whose
-policy was cached is not noticed).
+Upgrade: the table, empty (each domain's policy is fetched at its next delivery), its
+`expires_at` indexed (the hourly sweep of expired rows, mailcore.queue.mtasts.PolicySweeper).
+Downgrade: it goes (the policies are fetched again; until then a downgrade attack on a domain
+whose policy was cached is not noticed).
 
 Revision ID: 0070_mta_sts_policies
 Revises: 0069_ids_never_reused
