@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -12,7 +13,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from mailcore.queue import spool as spool_module
-from mailcore.queue.model import DELIVERED, Result
+from mailcore.queue.journal import ResultJournal
+from mailcore.queue.model import BOUNCED, DEFERRED, DELIVERED, Result
 from mailcore.queue.spool import RETRY_DELAY, SpoolError, Withdrawn, thd_record_results
 from mailcore.store.schema import queue_messages, queue_recipients
 from tests.support.db import synchronous_database
@@ -201,6 +203,69 @@ class SpoolTests(TestCase):
         failing[0] = False
         self.clock.advance(RETRY_DELAY)
         self.assertEqual(lines[1:], ["delivery results written again, after 5 failed attempts"])
+        self.assertFalse(spool._results)
+
+    def failing_results(self) -> list[str]:
+        """Every results transaction of the spool fails; the names of those tried."""
+        tried: list[str] = []
+
+        class Failing:
+            def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+                tried.append(name)
+                return defer.fail(RuntimeError("cannot build the DSN"))
+
+        self.q.spool.results_db = Failing()  # type: ignore[assignment]
+        return tried
+
+    def test_drain_gives_up_on_results_the_journal_holds_after_one_failed_attempt(
+        self,
+    ) -> None:
+        """At stop, results whose write fails every time (a bounce whose DSN cannot be
+        built) are tried once more and given up on: the final ones are in the results
+        journal, applied at the next start, and a deferral lost only means an earlier
+        retry. Drain retried them every RETRY_DELAY until the service's stop timeout."""
+        lines = logged(self, lambda e: e.get("log_namespace") == "mailcore.queue.spool")
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        journal = ResultJournal(directory)
+        journal.thd_open()
+        self.addCleanup(journal.thd_close)
+        spool = self.q.spool
+        spool.journal = journal
+        tried = self.failing_results()
+        bounced = Result(1, "Q1", BOUNCED, "550 5.1.1 unknown user", "10.0.0.1:25")
+        deferred = Result(2, "Q2", DEFERRED, "451 4.3.0 try later", "10.0.0.1:25", 500.0)
+        spool.record([bounced, deferred])  # tried at once (the lane is idle), and fails
+        self.assertEqual(len(tried), 1)
+        drained = defer.Deferred.fromCoroutine(spool.drain())
+        self.successResultOf(drained)  # after one more attempt, with no time passing
+        self.assertEqual(len(tried), 2)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(lines[1:], [
+            "at stop, gave up writing 2 delivery results: 1 in the results journal (applied "
+            "at the next start), 1 deferrals (tried again sooner)",
+        ])
+        self.assertFalse(spool._results)
+        self.assertFalse(self.clock.getDelayedCalls())
+        journal.thd_close()  # the store lacks the bounce: the journal keeps it
+        self.assertEqual(ResultJournal(directory).thd_read(), [bounced])
+
+    def test_drain_keeps_trying_final_results_the_journal_lacks(self) -> None:
+        """A final result not in the journal (none, or its write failed) is not given up
+        on at stop: lost, its mail would be delivered again after the restart."""
+        spool = self.q.spool
+        self.assertIsNone(spool.journal)
+        tried = self.failing_results()
+        spool.record([Result(1, "Q1", DELIVERED, "250 ok")])
+        drained = defer.Deferred.fromCoroutine(spool.drain())
+        self.clock.advance(RETRY_DELAY)
+        self.assertNoResult(drained)
+        self.assertEqual(len(tried), 3)
+        self.assertEqual(len(spool._results), 1)
+        self.flushLoggedErrors(RuntimeError)
+        spool.results_db = self.db  # type: ignore[assignment]
+        self.clock.advance(RETRY_DELAY)
+        self.successResultOf(drained)
         self.assertFalse(spool._results)
 
     def test_drain_waits_for_pending_commits(self) -> None:

@@ -58,6 +58,7 @@ from twisted.python.failure import Failure
 from mailcore.queue.journal import NOT_WRITTEN, ResultJournal
 from mailcore.queue.metrics import QueueMetrics
 from mailcore.queue.model import (
+    FINAL,
     FinishedWithFailures,
     Job,
     NewMessage,
@@ -639,11 +640,11 @@ class Spool:
             self._kick()
 
     async def drain(self) -> None:
-        """Wait until everything handed in so far is written (results: or given up on)."""
+        """Wait until everything handed in so far is written (results: or given up on, after
+        one failed attempt, unless the results journal lacks them: `_give_up`)."""
         if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+            self._retry.cancel()  # tried now, once, while draining (the `_kick` below)
             self._retry = None
-            self._kick()
         if (not self._busy and not self._pending and not self._results and not self._chores
                 and not self._riders and not self._charge_requests):
             return
@@ -1037,9 +1038,31 @@ class Spool:
             log.failure("writing {n} delivery results failed; retrying every {delay:g} s",
                         failure, n=len(results), delay=RETRY_DELAY)
         self._failed_results += 1
+        if self._flushing:
+            results = self._give_up(results)
+            if not results:
+                return
         self._results.extendleft(reversed(results))
         if self._retry is None or not self._retry.active():
             self._retry = self.clock.callLater(RETRY_DELAY, self._retry_now)
+
+    @staticmethod
+    def _give_up(results: list[_Entry]) -> list[_Entry]:
+        """While draining (at stop), results that failed once more are given up on, but for
+        the final ones the results journal lacks (no journal, or its write failed): losing
+        those would deliver their mail again, so they are still tried (returned). The
+        journal's are applied at the next start (their lines stay: they are not marked
+        written); a deferral lost only means an earlier retry. A write that failed every
+        time (a bounce whose DSN cannot be built) held the stop until its timeout."""
+        kept = [e for e in results if e[1] == NOT_WRITTEN and e[0].state in FINAL]
+        journaled = sum(1 for _, where in results if where != NOT_WRITTEN)
+        deferrals = len(results) - len(kept) - journaled
+        if journaled or deferrals:
+            log.warn("at stop, gave up writing {n} delivery results: {journaled} in the "
+                     "results journal (applied at the next start), {deferrals} deferrals "
+                     "(tried again sooner)", n=journaled + deferrals, journaled=journaled,
+                     deferrals=deferrals)
+        return kept
 
     def _results_written(self, results: list[_Entry]) -> None:
         """Results are in the store (their own transaction or a group commit)."""
