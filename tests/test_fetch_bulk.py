@@ -609,6 +609,19 @@ class LongLineTests(TestCase):
         self.assertEqual([[r.lines for r in reader.feed(data)] for data in reads],
                          [[], [[b"* SEARCH 4 5"]], [], [[b"0001 OK s"]]])
 
+    def test_an_empty_read_between_a_cr_and_its_lf_hides_no_line_end(self) -> None:
+        # LineReceiver.resumeProducing passes b"" (TCP never does): kept aside, it was the
+        # last piece `ends_line` looked at, and the line waited for another CRLF.
+        reads = [b"* SEARCH 4 5\r", b"", b"\n", b"0001 OK s\r", b"", b"\n"]
+        client, _transport = connected()
+        d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
+        for data in reads:
+            client.dataReceived(data)
+        self.assertEqual(self.successResultOf(d), [4, 5])
+        reader = ReplyReader(max_line=100, max_literal=100, host="fake")
+        self.assertEqual([[r.lines for r in reader.feed(data)] for data in reads],
+                         [[], [], [[b"* SEARCH 4 5"]], [], [], [[b"0001 OK s"]]])
+
     def test_a_line_cut_anywhere_is_read_once_whole(self) -> None:
         data = b"* SEARCH 4 5\r\n* SEARCH 6\r\n0001 OK s\r\n"
         for size in (1, 2, 3, 7):

@@ -72,6 +72,11 @@ class ReplyReader:
         return rest
 
     def feed(self, data: bytes) -> list[Reply]:
+        if not data:
+            # Nothing to read (LineReceiver.resumeProducing passes b""). Kept aside, it was
+            # the last piece `ends_line` looks at: a CR before it and an LF after it ended no
+            # line until another CRLF came.
+            return []
         self._have += len(data)
         if self._literal is not None and self._have < self._literal:
             self._chunks.append(data)  # a literal still incomplete: keep, do not join

@@ -720,7 +720,9 @@ class IMAPClient(imap4.IMAP4Client):
         if self._bulk is not None:
             self._bulk_received(data)
             return
-        if (self.line_mode and not self.paused and not self._busyReceiving
+        # An empty read (LineReceiver.resumeProducing's, to read what it holds) is not kept
+        # aside: as the last piece, it hid a CR before it from `ends_line`.
+        if (data and self.line_mode and not self.paused and not self._busyReceiving
                 and not ends_line(data, self._partial[-1] if self._partial else self._buffer)):
             # No line ends in this read: kept aside. LineReceiver appends each read to its
             # buffer and searches the whole buffer again, so a line of 16 MiB read 64 KiB
