@@ -402,7 +402,7 @@ def _with_autoincrement(create_sql: str, name: str, autoincrement: bool) -> str:
     only on the column, `PRIMARY KEY AUTOINCREMENT`: a table constraint naming the
     column moves onto it, its name kept); every other definition as it was."""
     _, _, rest = create_sql.partition("(")
-    definitions = _split_definitions(rest[: rest.rindex(")")])
+    definitions = split_definitions(rest[: rest.rindex(")")])
     ids = [i for i, d in enumerate(definitions) if _ID_COLUMN.match(d)]
     if len(ids) != 1:
         raise RuntimeError(f"no single id INTEGER column in {create_sql!r}")
@@ -422,9 +422,9 @@ def _with_autoincrement(create_sql: str, name: str, autoincrement: bool) -> str:
     return f'CREATE TABLE "{name}" (\n\t' + ",\n\t".join(definitions) + "\n)"
 
 
-def _split_definitions(body: str) -> list[str]:
+def split_definitions(body: str) -> list[str]:
     """The comma-separated definitions of a CREATE TABLE's body, commas inside brackets or
-    quotes left alone."""
+    quotes left alone (also migration 0025's, which moves columns)."""
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(body):
         if quote:

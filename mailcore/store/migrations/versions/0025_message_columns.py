@@ -33,6 +33,8 @@ import re
 
 from alembic import op
 
+from mailcore.store.migrate import split_definitions
+
 revision = "0025_message_columns"
 down_revision = "0024_search_order"
 branch_labels = None
@@ -42,27 +44,6 @@ depends_on = None
 LAST = ("cc", "in_reply_to", "references", "parse_problems", "headers", "body_text",
         "body_html", "search_extra")
 _CONSTRAINT = re.compile(r"(CONSTRAINT|PRIMARY|UNIQUE|FOREIGN|CHECK)\b", re.IGNORECASE)
-
-
-def split_definitions(body: str) -> list[str]:
-    """The comma-separated definitions of a CREATE TABLE's body, commas inside brackets or
-    quotes left alone."""
-    parts, depth, quote, start = [], 0, "", 0
-    for i, ch in enumerate(body):
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "'\"`[":
-            quote = "]" if ch == "[" else ch
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(body[start:i].strip())
-            start = i + 1
-    parts.append(body[start:].strip())
-    return [p for p in parts if p]
 
 
 def column_name(definition: str) -> str:
