@@ -540,6 +540,12 @@ def feed_in_reads(receive: Any, data: bytes, size: int) -> float:
     return time.perf_counter() - began
 
 
+def lines_fed(reads: list[bytes]) -> list[list[list[bytes]]]:
+    """The replies' lines the bulk reader gives for each of `reads`."""
+    reader = ReplyReader(max_line=100, max_literal=100, host="fake")
+    return [[r.lines for r in reader.feed(data)] for data in reads]
+
+
 def read_all(reader: ReplyReader, data: bytes, size: int) -> tuple[float, list[Any]]:
     """Seconds the bulk reader takes for `data` given `size` bytes at a time, and the
     replies it read."""
@@ -600,27 +606,25 @@ class LongLineTests(TestCase):
 
     def test_an_lf_alone_after_a_held_cr_ends_its_line(self) -> None:
         reads = [b"* SEARCH 4 5\r", b"\n", b"0001 OK s\r", b"\n"]
-        client, _transport = connected()
-        d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
-        for data in reads:
-            client.dataReceived(data)
-        self.assertEqual(self.successResultOf(d), [4, 5])
-        reader = ReplyReader(max_line=100, max_literal=100, host="fake")
-        self.assertEqual([[r.lines for r in reader.feed(data)] for data in reads],
-                         [[], [[b"* SEARCH 4 5"]], [], [[b"0001 OK s"]]])
+        self.assertEqual(self.search_in_reads(reads), [4, 5])
+        self.assertEqual(lines_fed(reads), [[], [[b"* SEARCH 4 5"]], [], [[b"0001 OK s"]]])
 
     def test_an_empty_read_between_a_cr_and_its_lf_hides_no_line_end(self) -> None:
         # LineReceiver.resumeProducing passes b"" (TCP never does): kept aside, it was the
         # last piece `ends_line` looked at, and the line waited for another CRLF.
         reads = [b"* SEARCH 4 5\r", b"", b"\n", b"0001 OK s\r", b"", b"\n"]
+        self.assertEqual(self.search_in_reads(reads), [4, 5])
+        self.assertEqual(lines_fed(reads),
+                         [[], [], [[b"* SEARCH 4 5"]], [], [], [[b"0001 OK s"]]])
+
+    def search_in_reads(self, reads: list[bytes]) -> list[int]:
+        """What UID SEARCH ALL gives when its replies come in `reads` (Twisted's reader)."""
         client, _transport = connected()
         d = defer.Deferred.fromCoroutine(client.uid_search(b"ALL"))
         for data in reads:
             client.dataReceived(data)
-        self.assertEqual(self.successResultOf(d), [4, 5])
-        reader = ReplyReader(max_line=100, max_literal=100, host="fake")
-        self.assertEqual([[r.lines for r in reader.feed(data)] for data in reads],
-                         [[], [], [[b"* SEARCH 4 5"]], [], [], [[b"0001 OK s"]]])
+        result: list[int] = self.successResultOf(d)
+        return result
 
     def test_a_line_cut_anywhere_is_read_once_whole(self) -> None:
         data = b"* SEARCH 4 5\r\n* SEARCH 6\r\n0001 OK s\r\n"
